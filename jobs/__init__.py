@@ -1,0 +1,1 @@
+"""Ray jobs built on the mtcnn library: annotate, prepare, train, evaluate, submit."""

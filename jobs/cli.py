@@ -1,0 +1,51 @@
+"""mtcnn-jobs: the command line. Each subcommand lives in its own module under jobs/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand -> (module, one-line help). Each module defines add_arguments(parser) and
+# run(args) -> int (the exit status).
+COMMANDS = {
+    "annotate": ("jobs.annotate", "detect faces in a folder, bucket or manifest of images into Parquet"),
+    "preview": ("jobs.preview", "draw an annotate run's detections into an HTML gallery"),
+    "prepare": ("jobs.prepare", "make training samples for one stage as Parquet shards"),
+    "train": ("jobs.train", "train a stage, or the whole cascade from a config, with Ray Train"),
+    "evaluate": ("jobs.evaluate", "WIDER AP and landmark error of a weights file"),
+    "submit": ("jobs.submit", "submit an mtcnn-jobs command to a Ray cluster"),
+    "jobs": ("jobs.cluster_jobs", "status, logs or stop of a submitted job"),
+    "convert-weights": ("jobs.convert_weights", "convert facenet-pytorch's reference weights"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(prog="mtcnn-jobs", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # not part of this install
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the mtcnn-jobs console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

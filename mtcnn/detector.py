@@ -1,0 +1,288 @@
+"""FaceDetector: the P-Net -> R-Net -> O-Net cascade over batches of images."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+
+from .boxes import batched_nms, calibrate, crop_regions, crop_resize, square
+from .nets import INPUT_SIZE
+from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scales
+from .weights import CascadeWeights, load_weights
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Detection parameters; the defaults are the original MTCNN's."""
+
+    min_face_size: float = 20.0
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    scale_factor: float = 0.709
+    pyramid: str = "dynamic"
+    #: IoU above which P-Net windows of one pyramid level suppress each other.
+    level_nms: float = 0.5
+    #: IoU thresholds of the NMS after P-Net (across levels), R-Net and O-Net ("min" overlap).
+    stage_nms: tuple[float, float, float] = (0.7, 0.7, 0.7)
+    #: Windows per R-Net / O-Net forward pass: caps memory however many candidates there are.
+    stage_batch_size: int = 2048
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        object.__setattr__(self, "stage_nms", tuple(float(t) for t in self.stage_nms))
+        if not (isinstance(self.min_face_size, (int, float)) and self.min_face_size > 0):
+            raise ValueError(f"min_face_size must be a positive number of pixels, got {self.min_face_size!r}")
+        if len(self.thresholds) != 3 or not all(0.0 <= t <= 1.0 for t in self.thresholds):
+            raise ValueError(f"thresholds must be three probabilities in [0, 1] for P-, R- and O-Net, "
+                             f"got {self.thresholds!r}")
+        if not 0.0 < self.scale_factor < 1.0:
+            raise ValueError(f"scale_factor must be between 0 and 1 (exclusive), got {self.scale_factor!r}")
+        if self.pyramid not in PYRAMIDS:
+            raise ValueError(f"pyramid must be one of {PYRAMIDS}, got {self.pyramid!r}")
+        overlaps = (self.level_nms, *self.stage_nms)
+        if len(self.stage_nms) != 3 or not all(0.0 < t <= 1.0 for t in overlaps):
+            raise ValueError(f"NMS thresholds must lie in (0, 1], got {overlaps!r}")
+        if int(self.stage_batch_size) < 1:
+            raise ValueError(f"stage_batch_size must be at least 1, got {self.stage_batch_size!r}")
+
+
+@dataclass
+class Detections:
+    """Faces found in one image, best score first."""
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 5, 2), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An H x W x 3 uint8 view or copy of a grayscale, RGB or RGBA uint8 image."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"images must be numpy arrays, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (0-255), got dtype {image.dtype}; "
+                         "convert with np.clip(...).astype(np.uint8) or scale 16-bit images by 1/257")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]  # alpha carries no face information
+    elif image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"images must be H x W (gray), H x W x 1, H x W x 3 (RGB) or H x W x 4 "
+                         f"(RGBA), got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image has no pixels (shape {image.shape})")
+    return np.ascontiguousarray(image)
+
+
+def _fold_normalization(stage: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a stage that takes raw 0-255 pixels: (x - 127.5) / 128 folded into conv1."""
+    folded = copy.deepcopy(stage)
+    conv = folded.body[0]
+    with torch.no_grad():
+        conv.bias -= 127.5 * 0.0078125 * conv.weight.sum(dim=(1, 2, 3))
+        conv.weight *= 0.0078125
+    return folded
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
+    return resolved
+
+
+class FaceDetector:
+    """MTCNN face detector: boxes, scores and five landmarks for batches of RGB images."""
+
+    def __init__(self, weights: str | os.PathLike | CascadeWeights = "reference",
+                 device: str | torch.device = "cpu", config: DetectorConfig | None = None,
+                 **overrides) -> None:
+        unknown = set(overrides) - {f.name for f in fields(DetectorConfig)}
+        if unknown:
+            raise ValueError(f"unknown detector options {sorted(unknown)}")
+        self.config = replace(config or DetectorConfig(), **overrides)
+        self.device = _resolve_device(device)
+        self.weights = weights if isinstance(weights, CascadeWeights) else load_weights(weights)
+        missing = [name for name in INPUT_SIZE if name not in self.weights.stages]
+        if missing:
+            raise ValueError(f"weights {self.weights.source!r} lack the stages {missing}; "
+                             "detection needs pnet, rnet and onet")
+        if not self.weights.stages["onet"].has_landmarks:
+            raise ValueError("the O-Net in these weights has no landmark head")
+        memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self._nets = {
+            name: _fold_normalization(stage).to(self.device, memory_format=memory_format).eval()
+            for name, stage in self.weights.stages.items()
+        }
+
+    def detect(self, images) -> list[Detections]:
+        """Detect faces in a list of H x W x 3 uint8 RGB images (any sizes, one result each)."""
+        if isinstance(images, np.ndarray):
+            images = list(images) if images.ndim == 4 else [images]
+        rgb = [as_rgb(image) for image in images]
+        if not rgb:
+            return []
+        with torch.inference_mode():
+            boxes, owners = self._propose(rgb)
+            sources = _ImageSources(rgb, self.device)
+            boxes, owners, _ = self._refine(sources, boxes, owners)
+            boxes, owners, scores, landmarks = self._output(sources, boxes, owners)
+        return _split_by_image(len(rgb), boxes, owners, scores, landmarks)
+
+    # -- stage 1 ------------------------------------------------------------------------
+    def _propose(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """P-Net over every image's pyramid: squared candidate boxes and their image index."""
+        cfg = self.config
+        # Levels of the same size (across images of a call) share one forward pass.
+        by_size: dict[tuple[int, int], list] = defaultdict(list)
+        level_id = 0
+        for index, image in enumerate(images):
+            scales = pyramid_scales(*image.shape[:2], cfg.min_face_size, cfg.scale_factor)
+            if not scales:
+                continue
+            if self.device.type == "cpu":
+                levels = [torch.from_numpy(level)
+                          for level in build_pyramid(image, scales, cfg.pyramid)]
+            else:
+                full = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
+                levels = [level[0].permute(1, 2, 0)
+                          for level in build_pyramid_tensor(full, scales, cfg.pyramid)]
+            for scale, level in zip(scales, levels):
+                by_size[tuple(level.shape[:2])].append((index, level_id, scale, level))
+                level_id += 1
+
+        pieces = []
+        for entries in by_size.values():
+            batch = torch.stack([entry[3] for entry in entries]).to(self.device)
+            # NHWC in memory viewed as NCHW: the channels_last layout the CPU kernels like best.
+            batch = batch.permute(0, 3, 1, 2).float()
+            out = self._nets["pnet"](batch)
+            probability = out.face_probability()
+            hits = (probability >= cfg.thresholds[0]).nonzero()
+            if len(hits) == 0:
+                continue
+            member, row, col = hits.unbind(1)
+            meta = torch.tensor([[e[0], e[1], e[2]] for e in entries],
+                                dtype=torch.float64, device=self.device)
+            scale = meta[member, 2].float()
+            cell = torch.stack([col, row, col, row], dim=1).float()
+            # Window of output cell (row, col): 12 px at stride 2, in the original's 1-based rule.
+            boxes = torch.floor((2 * cell + torch.tensor([1.0, 1.0, 12.0, 12.0], device=self.device))
+                                / scale[:, None])
+            pieces.append((boxes, probability[member, row, col],
+                           out.box_offsets[member, :, row, col],
+                           meta[member, 0].long(), meta[member, 1].long()))
+        if not pieces:
+            empty = torch.zeros((0, 4), device=self.device)
+            return empty, torch.zeros(0, dtype=torch.long, device=self.device)
+        boxes, scores, offsets, owners, levels = (torch.cat(p) for p in zip(*pieces))
+        keep = batched_nms(boxes, scores, levels, cfg.level_nms)
+        boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
+        keep = batched_nms(boxes, scores, owners, cfg.stage_nms[0])
+        boxes, offsets, owners = boxes[keep], offsets[keep], owners[keep]
+        return square(calibrate(boxes, offsets, plus_one=False)), owners
+
+    # -- stages 2 and 3 -----------------------------------------------------------------
+    def _score_windows(self, name: str, sources: "_ImageSources", boxes: torch.Tensor,
+                       owners: torch.Tensor):
+        """Crop every box from its image, run one stage in bounded chunks, keep those passing."""
+        size = INPUT_SIZE[name]
+        crops = sources.crops(boxes, owners, size)
+        net = self._nets[name]
+        outputs = [net(crops[i:i + self.config.stage_batch_size])
+                   for i in range(0, len(crops), self.config.stage_batch_size)]
+        scores = torch.cat([o.face_probability() for o in outputs])
+        offsets = torch.cat([o.box_offsets for o in outputs])
+        landmarks = (torch.cat([o.landmarks for o in outputs])
+                     if outputs[0].landmarks is not None else None)
+        threshold = self.config.thresholds[1 if name == "rnet" else 2]
+        # Crops that fell wholly outside the image are dropped with the low scores.
+        passed = (scores > threshold) & sources.valid
+        return passed, scores, offsets, landmarks
+
+    def _refine(self, sources: "_ImageSources", boxes: torch.Tensor, owners: torch.Tensor):
+        """R-Net: rescore and recalibrate P-Net's candidates."""
+        if len(boxes) == 0:
+            return boxes, owners, boxes.new_zeros(0)
+        passed, scores, offsets, _ = self._score_windows("rnet", sources, boxes, owners)
+        boxes, scores, offsets, owners = boxes[passed], scores[passed], offsets[passed], owners[passed]
+        keep = batched_nms(boxes, scores, owners, self.config.stage_nms[1])
+        boxes = square(calibrate(boxes[keep], offsets[keep], plus_one=True))
+        return boxes, owners[keep], scores[keep]
+
+    def _output(self, sources: "_ImageSources", boxes: torch.Tensor, owners: torch.Tensor):
+        """O-Net: final scores, boxes and landmarks."""
+        if len(boxes) == 0:
+            return boxes, owners, boxes.new_zeros(0), boxes.new_zeros((0, 5, 2))
+        passed, scores, offsets, points = self._score_windows("onet", sources, boxes, owners)
+        boxes, scores, offsets, owners = boxes[passed], scores[passed], offsets[passed], owners[passed]
+        points = points[passed]
+        size = (boxes[:, 2:] - boxes[:, :2] + 1)
+        # O-Net predicts the five x then the five y coordinates relative to its window.
+        landmarks = torch.stack([points[:, :5], points[:, 5:]], dim=2) * size[:, None, :] \
+            + boxes[:, None, :2] - 1
+        boxes = calibrate(boxes, offsets, plus_one=True)
+        keep = batched_nms(boxes, scores, owners, self.config.stage_nms[2], mode="min", plus_one=True)
+        return boxes[keep], owners[keep], scores[keep], landmarks[keep]
+
+
+class _ImageSources:
+    """Full-resolution images as float tensors on the device, made once per call on demand."""
+
+    def __init__(self, images: list[np.ndarray], device: torch.device) -> None:
+        self.images = images
+        self.device = device
+        self._tensors: dict[int, torch.Tensor] = {}
+        self.valid = torch.zeros(0, dtype=torch.bool, device=device)
+
+    def tensor(self, index: int) -> torch.Tensor:
+        if index not in self._tensors:
+            image = torch.from_numpy(self.images[index]).to(self.device)
+            self._tensors[index] = image.permute(2, 0, 1)[None].float().contiguous()
+        return self._tensors[index]
+
+    def crops(self, boxes: torch.Tensor, owners: torch.Tensor, size: int) -> torch.Tensor:
+        """size x size crops of boxes, owners sorted by image; sets `valid` for empty regions."""
+        counts = torch.bincount(owners, minlength=len(self.images)).tolist()
+        chunks, valid, start = [], [], 0
+        for index, count in enumerate(counts):
+            if count == 0:
+                continue
+            image = self.tensor(index)
+            regions = crop_regions(boxes[start:start + count], image.shape[3], image.shape[2])
+            valid.append((regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1]))
+            chunks.append(crop_resize(image, regions, size))
+            start += count
+        self.valid = torch.cat(valid)
+        return torch.cat(chunks).contiguous(memory_format=torch.channels_last) \
+            if self.device.type == "cpu" else torch.cat(chunks)
+
+
+def _split_by_image(count: int, boxes: torch.Tensor, owners: torch.Tensor, scores: torch.Tensor,
+                    landmarks: torch.Tensor) -> list[Detections]:
+    """One Detections per image from flat tensors ordered by image, then score."""
+    boxes = boxes.float().cpu().numpy()
+    scores = scores.float().cpu().numpy()
+    landmarks = landmarks.float().cpu().numpy()
+    sizes = np.bincount(owners.cpu().numpy(), minlength=count)
+    results, start = [], 0
+    for size in sizes:
+        end = start + int(size)
+        results.append(Detections(boxes[start:end].copy(), scores[start:end].copy(),
+                                  landmarks[start:end].copy()))
+        start = end
+    return results
