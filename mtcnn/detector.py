@@ -117,11 +117,11 @@ class FaceDetector:
         self.config = replace(config or DetectorConfig(), **overrides)
         self.device = _resolve_device(device)
         self.weights = weights if isinstance(weights, CascadeWeights) else load_weights(weights)
-        missing = [name for name in INPUT_SIZE if name not in self.weights.stages]
-        if missing:
-            raise ValueError(f"weights {self.weights.source!r} lack the stages {missing}; "
-                             "detection needs pnet, rnet and onet")
-        if not self.weights.stages["onet"].has_landmarks:
+        if "pnet" not in self.weights.stages:
+            raise ValueError(f"weights {self.weights.source!r} hold no pnet; every use of the "
+                             "cascade starts with it")
+        onet = self.weights.stages.get("onet")
+        if onet is not None and not onet.has_landmarks:
             raise ValueError("the O-Net in these weights has no landmark head")
         memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self._nets = {
@@ -131,17 +131,36 @@ class FaceDetector:
 
     def detect(self, images) -> list[Detections]:
         """Detect faces in a list of H x W x 3 uint8 RGB images (any sizes, one result each)."""
-        if isinstance(images, np.ndarray):
-            images = list(images) if images.ndim == 4 else [images]
-        rgb = [as_rgb(image) for image in images]
+        self._require("rnet", "onet")
+        rgb = _as_image_list(images)
         if not rgb:
             return []
         with torch.inference_mode():
-            boxes, owners = self._propose(rgb)
+            boxes, owners, _ = self._propose(rgb)
             sources = _ImageSources(rgb, self.device)
             boxes, owners, _ = self._refine(sources, boxes, owners)
             boxes, owners, scores, landmarks = self._output(sources, boxes, owners)
         return _split_by_image(len(rgb), boxes, owners, scores, landmarks)
+
+    def propose(self, images, up_to: str = "pnet") -> list[Detections]:
+        """Candidate windows after P-Net or R-Net (squared boxes and scores, no landmarks)."""
+        if up_to not in ("pnet", "rnet"):
+            raise ValueError(f"up_to must be 'pnet' or 'rnet', got {up_to!r}")
+        self._require(up_to)
+        rgb = _as_image_list(images)
+        if not rgb:
+            return []
+        with torch.inference_mode():
+            boxes, owners, scores = self._propose(rgb)
+            if up_to == "rnet":
+                boxes, owners, scores = self._refine(_ImageSources(rgb, self.device), boxes, owners)
+        return _split_by_image(len(rgb), boxes, owners, scores, boxes.new_zeros((len(boxes), 5, 2)))
+
+    def _require(self, *stages: str) -> None:
+        missing = [name for name in stages if name not in self._nets]
+        if missing:
+            raise ValueError(f"weights {self.weights.source!r} lack the stages {missing} "
+                             f"needed here; they hold only {sorted(self._nets)}")
 
     # -- stage 1 ------------------------------------------------------------------------
     def _propose(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,13 +207,13 @@ class FaceDetector:
                            meta[member, 0].long(), meta[member, 1].long()))
         if not pieces:
             empty = torch.zeros((0, 4), device=self.device)
-            return empty, torch.zeros(0, dtype=torch.long, device=self.device)
+            return empty, torch.zeros(0, dtype=torch.long, device=self.device), empty[:, 0]
         boxes, scores, offsets, owners, levels = (torch.cat(p) for p in zip(*pieces))
         keep = batched_nms(boxes, scores, levels, cfg.level_nms)
         boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
         keep = batched_nms(boxes, scores, owners, cfg.stage_nms[0])
-        boxes, offsets, owners = boxes[keep], offsets[keep], owners[keep]
-        return square(calibrate(boxes, offsets, plus_one=False)), owners
+        boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
+        return square(calibrate(boxes, offsets, plus_one=False)), owners, scores
 
     # -- stages 2 and 3 -----------------------------------------------------------------
     def _score_windows(self, name: str, sources: "_ImageSources", boxes: torch.Tensor,
@@ -238,6 +257,13 @@ class FaceDetector:
         boxes = calibrate(boxes, offsets, plus_one=True)
         keep = batched_nms(boxes, scores, owners, self.config.stage_nms[2], mode="min", plus_one=True)
         return boxes[keep], owners[keep], scores[keep], landmarks[keep]
+
+
+def _as_image_list(images) -> list[np.ndarray]:
+    """RGB uint8 images from a list of arrays, a 4-D batch array, or one image."""
+    if isinstance(images, np.ndarray):
+        images = list(images) if images.ndim == 4 else [images]
+    return [as_rgb(image) for image in images]
 
 
 class _ImageSources:
