@@ -111,25 +111,36 @@ def crop_regions(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return torch.stack([x1, y1, x2, y2], dim=1)
 
 
-def crop_resize(image: torch.Tensor, regions: torch.Tensor, size: int,
-                max_supersample: int = 4) -> torch.Tensor:
-    """Crop pixel-edge regions of a (1, C, H, W) float image and area-resize each to size x size."""
+def integral_image(image: torch.Tensor) -> torch.Tensor:
+    """Summed-area table (H+1, W+1, C) of an H x W x C uint8 image, exact in integers."""
+    height, width, channels = image.shape
+    # int32 holds every sum of an image up to about 8 megapixels; larger ones need int64.
+    dtype = torch.int32 if height * width * 255 < 2**31 else torch.int64
+    table = torch.zeros((height + 1, width + 1, channels), dtype=dtype, device=image.device)
+    table[1:, 1:] = image.to(dtype).cumsum(0).cumsum(1)
+    return table
+
+
+def _area_bins(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer [begin, end) of each of size output bins over [start, start + length)."""
+    index = torch.arange(size, device=start.device, dtype=torch.long)
+    begin = start[:, None] + (index[None, :] * length[:, None]) // size
+    end = start[:, None] + ((index[None, :] + 1) * length[:, None] + size - 1) // size
+    return begin, end
+
+
+def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int) -> torch.Tensor:
+    """Area-resize pixel-edge regions of an image, given its summed-area table, to (N, C, size, size)."""
+    channels = table.shape[2]
     if len(regions) == 0:
-        return image.new_zeros((0, image.shape[1], size, size))
-    _, channels, height, width = image.shape
-    extent = (regions[:, 2:] - regions[:, :2]).clamp(min=1e-3)
-    # Average k x k bilinear samples per output pixel: close to area interpolation when
-    # shrinking, without a Python loop over boxes.
-    k = int(min(max_supersample, max(1, int(torch.ceil(extent.max() / size).item()))))
-    samples = size * k
-    steps = (torch.arange(samples, device=image.device, dtype=image.dtype) + 0.5) / samples
-    xs = regions[:, 0:1] + steps[None, :] * extent[:, 0:1]
-    ys = regions[:, 1:2] + steps[None, :] * extent[:, 1:2]
-    grid_x = (2.0 * xs / width - 1.0)[:, None, :].expand(-1, samples, -1)
-    grid_y = (2.0 * ys / height - 1.0)[:, :, None].expand(-1, -1, samples)
-    # All crops' sample grids stacked into one tall grid: one grid_sample call, no image copies.
-    grid = torch.stack([grid_x, grid_y], dim=-1).reshape(1, len(regions) * samples, samples, 2)
-    crops = F.grid_sample(image, grid, mode="bilinear", padding_mode="border",
-                          align_corners=False)
-    crops = crops.reshape(channels, len(regions), samples, samples).transpose(0, 1)
-    return F.avg_pool2d(crops, k) if k > 1 else crops.contiguous()
+        return torch.zeros((0, channels, size, size), device=table.device)
+    # Each output pixel is the mean of its bin: the same bins as adaptive average pooling
+    # ("area" interpolation), read from the summed-area table with four lookups.
+    whole = regions.long()
+    y0, y1 = _area_bins(whole[:, 1], (whole[:, 3] - whole[:, 1]).clamp(min=1), size)
+    x0, x1 = _area_bins(whole[:, 0], (whole[:, 2] - whole[:, 0]).clamp(min=1), size)
+    y0, y1 = y0[:, :, None], y1[:, :, None]
+    x0, x1 = x0[:, None, :], x1[:, None, :]
+    sums = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    area = ((y1 - y0) * (x1 - x0)).unsqueeze(-1)
+    return (sums.float() / area.float()).permute(0, 3, 1, 2)
