@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtcnn import boxes as box_ops
+from mtcnn.boxes import (batched_nms, calibrate, crop_regions, crop_resize, integral_image,
+                         pairwise_overlap, square)
+
+
+def greedy_nms(boxes, scores, groups, threshold, mode, plus_one):
+    """Plain sequential NMS, one box at a time: the definition the fast version must match."""
+    order = sorted(range(len(scores)), key=lambda i: (groups[i], -scores[i]))
+    kept = []
+    for i in order:
+        others = [j for j in kept if groups[j] == groups[i]]
+        if others:
+            overlap = pairwise_overlap(boxes[i:i + 1], boxes[others], mode, plus_one)
+            if (overlap > threshold).any():
+                continue
+        kept.append(i)
+    return kept
+
+
+def random_boxes(count, seed, spread=200.0):
+    generator = torch.Generator().manual_seed(seed)
+    corner = torch.rand(count, 2, generator=generator) * spread
+    size = 10 + torch.rand(count, 2, generator=generator) * 60
+    return torch.cat([corner, corner + size], dim=1), torch.rand(count, generator=generator)
+
+
+@pytest.mark.parametrize("mode,plus_one", [("union", False), ("min", True)])
+@pytest.mark.parametrize("block", [2048, 16])
+def test_batched_nms_matches_sequential_greedy(monkeypatch, mode, plus_one, block):
+    monkeypatch.setattr(box_ops, "_NMS_BLOCK", block)
+    boxes, scores = random_boxes(300, seed=3)
+    groups = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(4))
+    kept = batched_nms(boxes, scores, groups, 0.4, mode, plus_one).tolist()
+    assert kept == greedy_nms(boxes, scores, groups.tolist(), 0.4, mode, plus_one)
+
+
+def test_long_suppression_chain_falls_back_correctly(monkeypatch):
+    # Each box overlaps only its neighbours: the greedy result alternates keep / drop.
+    monkeypatch.setattr(box_ops, "_MAX_FIXED_POINT_ROUNDS", 3)
+    x = torch.arange(40, dtype=torch.float32) * 4.0
+    boxes = torch.stack([x, torch.zeros(40), x + 10, torch.full((40,), 10.0)], dim=1)
+    scores = torch.linspace(1.0, 0.5, 40)
+    kept = batched_nms(boxes, scores, torch.zeros(40, dtype=torch.long), 0.3).tolist()
+    assert kept == list(range(0, 40, 2))
+
+
+def test_empty_nms():
+    assert batched_nms(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
+
+
+def test_calibrate_and_square():
+    box = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    assert torch.equal(calibrate(box, torch.tensor([[0.1, 0.0, -0.1, 0.5]]), plus_one=False),
+                       torch.tensor([[12.0, 20.0, 28.0, 80.0]]))
+    assert torch.allclose(square(box), torch.tensor([[0.0, 20.0, 40.0, 60.0]]))
+
+
+def test_crop_resize_is_area_interpolation_of_the_crop():
+    generator = torch.Generator().manual_seed(5)
+    image = torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8, generator=generator)
+    boxes = torch.tensor([[10.7, 5.2, 70.9, 80.1], [100.0, 50.0, 150.0, 95.0], [-5.0, -5.0, 20.0, 14.0],
+                          [30.0, 30.0, 45.0, 42.0]])
+    regions = crop_regions(boxes, 120, 90)
+    crops = crop_resize(integral_image(image), regions, 24)
+    float_image = image.permute(2, 0, 1)[None].float()
+    for crop, (x1, y1, x2, y2) in zip(crops, regions.long().tolist()):
+        expected = F.interpolate(float_image[:, :, y1:y2, x1:x2], size=(24, 24), mode="area")[0]
+        assert torch.allclose(crop, expected, atol=1e-3)
+
+
+def test_crop_regions_clip_to_the_image():
+    regions = crop_regions(torch.tensor([[-10.0, -3.0, 500.0, 40.5]]), 100, 50)
+    assert regions.tolist() == [[0.0, 0.0, 100.0, 40.0]]

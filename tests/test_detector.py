@@ -1,0 +1,139 @@
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mtcnn import Detections, FaceDetector
+from mtcnn.boxes import pairwise_overlap
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return cv2.cvtColor(cv2.imread(str(DATA / "astronaut.png")), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return json.loads((DATA / "astronaut_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return FaceDetector(weights="reference", pyramid="classic")
+
+
+def assert_matches(found: Detections, boxes, scores, landmarks):
+    """Every expected face is found with IoU >= 0.9, score within 0.01, landmarks within 2 px."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    assert len(found) == len(boxes)
+    iou = pairwise_overlap(torch.from_numpy(boxes), torch.from_numpy(found.boxes)).numpy()
+    for row in range(len(boxes)):
+        best = iou[row].argmax()
+        assert iou[row, best] >= 0.9
+        assert abs(found.scores[best] - scores[row]) <= 0.01
+        assert np.abs(found.landmarks[best] - np.asarray(landmarks[row])).max() <= 2.0
+
+
+def test_classic_pyramid_reproduces_the_reference(detector, astronaut, reference):
+    found = detector.detect([astronaut])[0]
+    assert_matches(found, reference["boxes"], reference["scores"], reference["landmarks"])
+    assert found.boxes.dtype == found.scores.dtype == found.landmarks.dtype == np.float32
+    assert found.landmarks.shape == (1, 5, 2)
+
+
+def test_dynamic_pyramid_finds_the_same_face(astronaut, reference):
+    found = FaceDetector(pyramid="dynamic").detect([astronaut])[0]
+    assert len(found) == 1
+    iou = pairwise_overlap(torch.from_numpy(found.boxes), torch.tensor(reference["boxes"]))
+    assert iou.item() >= 0.85
+
+
+def test_landmarks_follow_the_image_left_convention(detector, astronaut):
+    found = detector.detect([astronaut, np.ascontiguousarray(astronaut[:, ::-1])])
+    for result in found:
+        (left_eye, right_eye, nose, left_mouth, right_mouth) = result.landmarks[0]
+        assert left_eye[0] < nose[0] < right_eye[0]
+        assert left_mouth[0] < right_mouth[0]
+        assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
+    width = astronaut.shape[1]
+    mirrored_box = width - 1 - found[1].boxes[0, [2, 0]]
+    assert np.abs(mirrored_box - found[0].boxes[0, [0, 2]]).max() < 4.0
+
+
+def test_batches_of_mixed_sizes_give_the_same_results_as_single_images(detector, astronaut):
+    small = cv2.resize(astronaut, (300, 260), interpolation=cv2.INTER_AREA)
+    padded = cv2.copyMakeBorder(astronaut, 40, 0, 90, 0, cv2.BORDER_CONSTANT, value=(20, 60, 90))
+    images = [astronaut, small, padded, astronaut]
+    batch = detector.detect(images)
+    for image, result in zip(images, batch):
+        single = detector.detect([image])[0]
+        assert np.allclose(result.boxes, single.boxes, atol=1e-3)
+        assert np.allclose(result.scores, single.scores, atol=1e-5)
+    # Padding moves the pyramid's sampling grid, so the box moves by the padding, give or take.
+    assert np.allclose(batch[2].boxes[0], batch[0].boxes[0] + [90, 40, 90, 40], atol=4.0)
+
+
+def test_bounded_stage_batches_do_not_change_results(astronaut):
+    default = FaceDetector(pyramid="classic").detect([astronaut])[0]
+    tiny = FaceDetector(pyramid="classic", stage_batch_size=3).detect([astronaut])[0]
+    assert np.allclose(default.boxes, tiny.boxes, atol=1e-3)
+
+
+def test_empty_results_are_typed_arrays(detector):
+    results = detector.detect([np.full((200, 300, 3), 128, np.uint8), np.zeros((1, 1, 3), np.uint8)])
+    for result in results:
+        assert result.boxes.shape == (0, 4) and result.boxes.dtype == np.float32
+        assert result.scores.shape == (0,) and result.landmarks.shape == (0, 5, 2)
+    assert detector.detect([]) == []
+
+
+def test_grayscale_and_rgba_inputs(detector, astronaut):
+    gray = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    found_gray, found_gray1, found_rgba = detector.detect([gray, gray[:, :, None], rgba])
+    assert len(found_gray) == 1 and np.allclose(found_gray.boxes, found_gray1.boxes)
+    assert np.allclose(found_rgba.boxes, detector.detect([astronaut])[0].boxes)
+
+
+def test_candidates_after_each_stage(detector, astronaut):
+    after_pnet = detector.propose([astronaut], up_to="pnet")[0]
+    after_rnet = detector.propose([astronaut], up_to="rnet")[0]
+    assert len(after_pnet) > len(after_rnet) >= 1
+    squares = after_rnet.boxes[:, 2:] - after_rnet.boxes[:, :2]
+    assert np.allclose(squares[:, 0], squares[:, 1], atol=1e-3)
+    assert (after_pnet.scores >= 0.6).all() and (after_rnet.scores > 0.7).all()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_face_size": -5}, "min_face_size"),
+    ({"thresholds": (0.6, 1.7, 0.7)}, "thresholds"),
+    ({"thresholds": (0.6, 0.7)}, "thresholds"),
+    ({"scale_factor": 1.2}, "scale_factor"),
+    ({"pyramid": "pyramidal"}, "pyramid"),
+    ({"device": "tpu"}, "device"),
+    ({"min_size": 20}, "unknown detector options"),
+])
+def test_invalid_arguments_are_refused_clearly(options, message):
+    with pytest.raises(ValueError, match=message):
+        FaceDetector(**options)
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((20, 20, 3), np.float32), "uint8"),
+    (np.zeros((20, 20, 2), np.uint8), "shape"),
+    (np.zeros((0, 20, 3), np.uint8), "no pixels"),
+])
+def test_invalid_images_are_refused_clearly(detector, image, message):
+    with pytest.raises(ValueError, match=message):
+        detector.detect([image])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(astronaut, reference):
+    found = FaceDetector(device="cuda", pyramid="classic").detect([astronaut])[0]
+    assert_matches(found, reference["boxes"], reference["scores"], reference["landmarks"])

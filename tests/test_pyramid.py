@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtcnn.pyramid import build_pyramid, build_pyramid_tensor, level_size, pyramid_scales
+
+
+def test_scales_stop_before_the_short_side_drops_below_the_window():
+    scales = pyramid_scales(720, 1280, min_face_size=20, scale_factor=0.709)
+    assert len(scales) == 11
+    assert scales[0] == pytest.approx(12 / 20)
+    assert min(720, 1280) * scales[-1] >= 12 > min(720, 1280) * scales[-1] * 0.709
+    assert pyramid_scales(11, 500, 12, 0.709) == []
+
+
+@pytest.fixture
+def image():
+    generator = np.random.default_rng(6)
+    smooth = generator.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    import cv2
+    return cv2.resize(smooth, (403, 301), interpolation=cv2.INTER_LINEAR)
+
+
+def test_classic_and_dynamic_give_the_same_level_sizes(image):
+    scales = pyramid_scales(*image.shape[:2], 20, 0.709)
+    classic = build_pyramid(image, scales, "classic")
+    dynamic = build_pyramid(image, scales, "dynamic")
+    expected = [level_size(*image.shape[:2], s) for s in scales]
+    assert [tuple(level.shape[:2]) for level in classic] == expected
+    assert [tuple(level.shape[:2]) for level in dynamic] == expected
+    # Resizing from the previous level changes pixels only slightly on smooth content; the
+    # tiniest levels, resized most often, drift most.
+    for a, b in zip(classic, dynamic):
+        limit = 2.5 if min(a.shape[:2]) >= 24 else 8.0
+        assert (a.float() - b.float()).abs().mean() < limit
+
+
+def test_classic_levels_are_area_interpolation_of_the_full_image(image):
+    scales = pyramid_scales(*image.shape[:2], 20, 0.709)
+    full = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    for scale, level in zip(scales, build_pyramid(image, scales, "classic")):
+        expected = F.interpolate(full, size=level_size(*image.shape[:2], scale), mode="area")
+        assert torch.allclose(level, expected[0].permute(1, 2, 0), atol=1e-3)
+    tensor_levels = build_pyramid_tensor(full, scales, "classic")
+    assert [t.shape[-2:] for t in tensor_levels] == [l.shape[:2] for l in build_pyramid(image, scales)]
+
+
+def test_unknown_pyramid_is_refused(image):
+    with pytest.raises(ValueError, match="pyramid"):
+        build_pyramid(image, [0.5], "pyramidal")
