@@ -1,0 +1,135 @@
+"""Image bytes -> H x W x 3 uint8 RGB, as displayed (EXIF orientation applied), or a reason why not."""
+
+from __future__ import annotations
+
+import struct
+
+import cv2
+import numpy as np
+
+#: Default cap on width x height, checked from the file header before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class DecodeError(ValueError):
+    """An image that cannot be annotated, with a reason a user can act on."""
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, BMP, GIF, WebP or TIFF header, or None if not found."""
+    # OpenCV reads headers only inside imdecode, so the pixel limit needs its own small reader.
+    head = bytes(data[:64])
+    try:
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if head.startswith(b"\xff\xd8"):
+            return _jpeg_size(data)
+        if head.startswith(b"BM") and len(head) >= 26:
+            width, height = struct.unpack("<ii", head[18:26])
+            return abs(width), abs(height)  # negative height: rows stored top-down
+        if head[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", head[6:10])
+        if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+            return _webp_size(head)
+        if head[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+    except struct.error:
+        return None  # header cut short: imdecode reports the file as truncated
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        (length,) = struct.unpack(">H", data[position + 2:position + 4])
+        # Start-of-frame markers (all but DHT C4, JPG C8, DAC CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        position += 2 + length
+    return None
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(head[24:27], "little") + 1
+        height = int.from_bytes(head[27:30], "little") + 1
+        return width, height
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", head[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    (offset,) = struct.unpack(order + "I", data[4:8])
+    (count,) = struct.unpack(order + "H", data[offset:offset + 2])
+    size = {}
+    for index in range(count):
+        entry = data[offset + 2 + 12 * index:offset + 14 + 12 * index]
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            fmt = order + ("H" if kind == 3 else "I")
+            size[tag] = struct.unpack(fmt, entry[8:8 + struct.calcsize(fmt)])[0]
+    if 256 in size and 257 in size:
+        return size[256], size[257]
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 pixels of an encoded image, rotated as its EXIF orientation says it is displayed."""
+    if len(data) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    size = image_size(data)
+    if size is not None:
+        width, height = size
+        if width * height > max_pixels:
+            raise DecodeError(f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over "
+                              f"the limit of {max_pixels / 1e6:g}; raise --max-pixels to annotate it")
+        if width == 0 or height == 0:
+            raise DecodeError(f"image header says {width}x{height}: no pixels")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    # COLOR_RGB: gray, RGBA and CMYK come back as 3-channel RGB with EXIF orientation applied;
+    # ANYDEPTH keeps 16-bit and float samples so they are scaled below rather than truncated.
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH)
+    except cv2.error as error:
+        raise DecodeError(f"not a readable image: {str(error).strip().splitlines()[-1]}") from None
+    if image is None or image.size == 0:
+        kind = "truncated or corrupt image" if size is not None else \
+            "not an image OpenCV can read (expected JPEG, PNG, BMP, WebP or TIFF)"
+        raise DecodeError(kind)
+    return to_uint8_rgb(image)
+
+
+def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
+    """Scale a 16-bit or float RGB image to uint8 (8-bit images pass through)."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if image.dtype == np.uint16:
+        # 65535 / 257 = 255 exactly, so full range maps to full range.
+        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        # Float images (TIFF, EXR) use 0..1 for the displayable range.
+        return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if image.dtype == np.int8:
+        return (image.astype(np.int16) + 128).astype(np.uint8)
+    info = np.iinfo(image.dtype)
+    scaled = (image.astype(np.float64) - info.min) / (info.max - info.min) * 255.0
+    return (scaled + 0.5).astype(np.uint8)

@@ -1,0 +1,107 @@
+"""The annotate job's Parquet schema, its rows, and the run metadata stored with them."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+
+from mtcnn import Detections, DetectorConfig
+
+#: Key of the run metadata (JSON) in each Parquet file's key-value metadata.
+METADATA_KEY = b"mtcnn_jobs.annotate"
+
+FACE_TYPE = pa.struct([
+    pa.field("box", pa.list_(pa.float32(), 4)),        # x1, y1, x2, y2 in displayed-image pixels
+    pa.field("score", pa.float32()),
+    pa.field("landmarks", pa.list_(pa.float32(), 10)),  # x, y of l eye, r eye, nose, l/r mouth
+])
+
+ANNOTATION_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("faces", pa.list_(FACE_TYPE)),
+    pa.field("error", pa.string()),
+])
+
+
+def annotation_table(paths: list[str], sizes: list[tuple[int, int] | None],
+                     detections: list[Detections | None], errors: list[str | None]) -> pa.Table:
+    """Rows of the output schema: one per path, faces null-free (an empty list when none)."""
+    count = len(paths)
+    face_counts = np.array([len(d) if d is not None else 0 for d in detections], dtype=np.int32)
+    offsets = np.zeros(count + 1, dtype=np.int32)
+    np.cumsum(face_counts, out=offsets[1:])
+    present = [d for d in detections if d is not None and len(d)]
+    boxes = np.concatenate([d.boxes for d in present]).astype(np.float32) if present \
+        else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([d.scores for d in present]).astype(np.float32) if present \
+        else np.zeros(0, np.float32)
+    # Landmarks (N, 5, 2) flattened as x, y pairs in point order.
+    points = np.concatenate([d.landmarks.reshape(-1, 10) for d in present]).astype(np.float32) \
+        if present else np.zeros((0, 10), np.float32)
+    faces_struct = pa.StructArray.from_arrays(
+        [pa.FixedSizeListArray.from_arrays(pa.array(boxes.ravel()), 4),
+         pa.array(scores),
+         pa.FixedSizeListArray.from_arrays(pa.array(points.ravel()), 10)],
+        fields=list(FACE_TYPE))
+    # Images that failed to decode get a null faces list, not an empty one: nothing was looked at.
+    failed = np.array([d is None for d in detections], dtype=bool)
+    faces = pa.ListArray.from_arrays(pa.array(offsets), faces_struct,
+                                     mask=pa.array(failed) if failed.any() else None)
+    widths = pa.array([s[0] if s else None for s in sizes], pa.int32())
+    heights = pa.array([s[1] if s else None for s in sizes], pa.int32())
+    return pa.Table.from_arrays([pa.array(paths, pa.string()), widths, heights, faces,
+                                 pa.array(errors, pa.string())], schema=ANNOTATION_SCHEMA)
+
+
+def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: dict,
+                 detector: DetectorConfig, max_pixels: int) -> dict:
+    """What made these rows: weights identity, detection parameters, versions and time."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("mtcnn-jobs")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    return {
+        "weights": {"source": weights_source, "sha256": weights_sha256,
+                    "provenance": weights_provenance},
+        "detector": _jsonable(asdict(detector)),
+        "max_pixels": max_pixels,
+        "package": "mtcnn-jobs", "version": package_version,
+        "python": platform.python_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def settings_of(metadata: dict) -> dict:
+    """The parts of run metadata that change the rows (so runs with equal settings can be mixed)."""
+    return {"weights_sha256": metadata.get("weights", {}).get("sha256"),
+            "detector": metadata.get("detector"), "max_pixels": metadata.get("max_pixels")}
+
+
+def with_metadata(schema: pa.Schema, metadata: dict) -> pa.Schema:
+    """The schema carrying run metadata as JSON in its key-value metadata."""
+    return schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+def read_metadata(schema: pa.Schema) -> dict | None:
+    """Run metadata stored in a Parquet file's schema, or None if it has none."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
