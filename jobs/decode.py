@@ -102,6 +102,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                               f"the limit of {max_pixels / 1e6:g}; raise --max-pixels to annotate it")
         if width == 0 or height == 0:
             raise DecodeError(f"image header says {width}x{height}: no pixels")
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        # libjpeg fills a cut-off scan with grey and only warns; no end marker after the last
+        # scan header means the file was cut short (a download or copy that did not finish).
+        raise DecodeError("truncated JPEG: the file ends before the image data does")
     buffer = np.frombuffer(data, dtype=np.uint8)
     # COLOR_RGB: gray, RGBA and CMYK come back as 3-channel RGB with EXIF orientation applied;
     # ANYDEPTH keeps 16-bit and float samples so they are scaled below rather than truncated.
