@@ -79,12 +79,14 @@ def _read_text_manifest(fs, root: str, protocol: str) -> list[str]:
 def _read_parquet_manifest(fs, root: str, source: str, protocol: str) -> list[str]:
     try:
         with fs.open(root, "rb") as handle:
-            table = pq.read_table(handle, columns=["path"])
-    except KeyError:
-        raise InputError(f"manifest {source} has no 'path' column") from None
+            manifest = pq.ParquetFile(handle)
+            if "path" not in manifest.schema_arrow.names:
+                raise InputError(f"manifest {source} has no 'path' column (it has "
+                                 f"{', '.join(manifest.schema_arrow.names)})")
+            table = manifest.read(columns=["path"])
+    except InputError:
+        raise
     except Exception as error:  # pyarrow raises several types for a malformed file
-        if "path" in str(error) and "column" in str(error).lower():
-            raise InputError(f"manifest {source} has no 'path' column") from None
         raise InputError(f"manifest {source} is not a readable Parquet file: {_reason(error)}") from None
     base = posixpath.dirname(root) if protocol else os.path.dirname(root)
     return [_resolve(path, base, protocol) for path in table.column("path").to_pylist() if path]
