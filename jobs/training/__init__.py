@@ -1,0 +1,1 @@
+"""Training: sample preparation (schema, augmentation, samples) and the Ray Train stages."""
