@@ -1,0 +1,135 @@
+"""ray_cluster.yaml: what `ray up` checks before it starts machines, and what it would get wrong silently."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "ray_cluster.yaml"
+RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+@pytest.fixture(scope="module")
+def ec2_catalogue(monkeypatch_module):
+    """EC2's DescribeInstanceTypes catalogue, as moto serves it (in process: only data is read)."""
+    from moto import mock_aws
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch_module.delenv(key, raising=False)
+    monkeypatch_module.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch_module.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        yield
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_matches_ray_schema_as_written(cluster):
+    schema = json.loads(RAY_SCHEMA.read_text())
+    jsonschema.validate(cluster, schema)
+
+
+def test_passes_the_launchers_own_validation(cluster):
+    # The steps `ray up` takes before it talks to AWS: defaults merged in, then validated.
+    prepared = prepare_config(copy.deepcopy(cluster))
+    validate_config(prepared)
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def test_node_type_limits_are_consistent(cluster):
+    node_types = cluster["available_node_types"]
+    head = cluster["head_node_type"]
+    assert head in node_types
+    workers = {name: spec for name, spec in node_types.items() if name != head}
+    assert workers, "no worker node types: nothing could autoscale"
+    for name, spec in workers.items():
+        assert 0 <= spec.get("min_workers", 0) <= spec["max_workers"], name
+        assert spec["max_workers"] <= cluster["max_workers"], name
+    assert sum(spec.get("min_workers", 0) for spec in workers.values()) <= cluster["max_workers"]
+
+
+def test_has_a_gpu_worker_type_and_a_cpu_worker_type(cluster):
+    node_types = cluster["available_node_types"]
+    head = cluster["head_node_type"]
+    gpu_types = [n for n, s in node_types.items() if n != head and s["resources"].get("GPU", 0) > 0]
+    cpu_types = [n for n, s in node_types.items()
+                 if n != head and s["resources"].get("GPU", 0) == 0 and s["resources"].get("CPU", 0) > 0]
+    assert gpu_types and cpu_types
+    # The head keeps its CPUs for the drivers and the job server.
+    assert node_types[head]["resources"].get("CPU") == 0
+    assert node_types[head]["resources"].get("GPU", 0) == 0
+
+
+def test_resources_match_the_instance_types(cluster, ec2_catalogue):
+    """What Ray would detect on each instance type agrees with what the node type advertises."""
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+
+    blank = copy.deepcopy(cluster)
+    for spec in blank["available_node_types"].values():
+        spec["resources"] = {}
+    detected = AWSNodeProvider.fillout_available_node_types_resources(blank)["available_node_types"]
+    for name, spec in cluster["available_node_types"].items():
+        instance_type = spec["node_config"]["InstanceType"]
+        found = detected[name]["resources"]
+        assert "CPU" in found, f"{instance_type} of {name} is not an EC2 instance type"
+        assert spec["resources"].get("GPU", 0) == found.get("GPU", 0), (name, instance_type, found)
+        # A node may hold CPUs back (the head advertises none), never advertise more than it has.
+        assert spec["resources"]["CPU"] <= found["CPU"], (name, instance_type, found)
+        if name != cluster["head_node_type"]:
+            assert spec["resources"]["CPU"] == found["CPU"], (name, instance_type, found)
+
+
+def test_images_pin_this_ray_and_python(cluster):
+    """Nodes must run the Ray (and Python) of the machine that launches and submits."""
+    python_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    docker = cluster["docker"]
+    images = {"default": docker["image"], "head": docker["head_image"]}
+    for name, spec in cluster["available_node_types"].items():
+        if "docker" in spec:
+            images[name] = spec["docker"]["worker_image"]
+    for where, image in images.items():
+        match = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-(?P<python>py\d+)-(?P<kind>gpu|cpu|cu\d+)", image)
+        assert match, f"{where}: {image} is not a pinned rayproject/ray image"
+        assert match["ray"] == ray.__version__, (where, image)
+        assert match["python"] == python_tag, (where, image)
+    # GPU nodes run the default (CUDA) image; the others a CPU one.
+    head = cluster["head_node_type"]
+    for name, spec in cluster["available_node_types"].items():
+        image = images["head"] if name == head else images.get(name, images["default"])
+        wants_gpu = spec["resources"].get("GPU", 0) > 0
+        assert image.endswith("-cpu") != wants_gpu, (name, image)
+
+
+def test_every_node_installs_this_repository(cluster):
+    mounts = cluster["file_mounts"]
+    (remote, local), = mounts.items()
+    # `ray up` resolves the local side from where it runs: the repository root.
+    pyproject = tomllib.loads((REPO / local / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == "mtcnn-jobs"
+    assert "jobs" in pyproject["project"]["optional-dependencies"]
+    remote_dir = remote.replace("~", "$HOME", 1)
+    installs = [c for c in cluster["setup_commands"] if "pip install" in c]
+    assert any(f'"{remote_dir}[jobs]"' in c for c in installs), installs
+    # Runs/ and build outputs must not be copied to every node.
+    assert ".gitignore" in cluster["rsync_filter"]
