@@ -96,6 +96,8 @@ class SampleSet:
     kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 10), np.float32))
+    #: The integer windows (x1, y1, x2, y2) the crops were cut from (not written to shards).
+    windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -107,7 +109,7 @@ class SampleSet:
         if not parts:
             return SampleSet(np.zeros((0, size, size, 3), np.uint8))
         return SampleSet(*(np.concatenate([getattr(p, name) for p in parts])
-                           for name in ("images", "kinds", "boxes", "landmarks")))
+                           for name in ("images", "kinds", "boxes", "landmarks", "windows")))
 
 
 # -- labels and targets --------------------------------------------------------------------
@@ -333,7 +335,7 @@ def face_samples(image: np.ndarray, boxes: np.ndarray, ignore: np.ndarray, confi
         targets = (np.zeros((len(windows), 4), np.float32) if kind == NEGATIVE
                    else box_targets(windows, boxes[matched]))
         sets.append(SampleSet(crop_windows(image, windows, config.size), np.full(len(windows), kind, np.int8),
-                              targets, np.zeros((len(windows), 10), np.float32)))
+                              targets, np.zeros((len(windows), 10), np.float32), windows))
     return SampleSet.concatenate(sets, config.size)
 
 
@@ -368,7 +370,8 @@ def landmark_samples(image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray
         return SampleSet.concatenate([], config.size)
     windows, owner = np.concatenate(chosen), np.concatenate(owners)
     return SampleSet(crop_windows(image, windows, config.size), np.full(len(windows), LANDMARK, np.int8),
-                     np.zeros((len(windows), 4), np.float32), landmark_targets(windows, landmarks[owner]))
+                     np.zeros((len(windows), 4), np.float32), landmark_targets(windows, landmarks[owner]),
+                     windows)
 
 
 def to_table(samples: SampleSet, source: str, stage: str) -> pa.Table:
