@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-# IoU matrices are built a block at a time so memory stays bounded however many boxes come in.
-_NMS_BLOCK = 2048
-# The fixed-point NMS below converges in as many rounds as the longest suppression chain;
-# past this many rounds a block finishes with the plain sequential scan instead.
-_MAX_FIXED_POINT_ROUNDS = 64
+# Overlaps are computed a block of rows at a time so memory stays bounded however many boxes.
+_NMS_BLOCK = 1024
 
 
 def pairwise_overlap(a: torch.Tensor, b: torch.Tensor, mode: str = "union",
@@ -28,57 +27,51 @@ def pairwise_overlap(a: torch.Tensor, b: torch.Tensor, mode: str = "union",
     return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-12)
 
 
-def _greedy_within_block(suppresses: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """Greedy NMS result for one block, given which box suppresses which (upper triangle)."""
-    keep = alive.clone()
-    for _ in range(_MAX_FIXED_POINT_ROUNDS):
-        # A box survives when no surviving earlier box suppresses it; the unique fixed point
-        # of this rule is exactly the sequential greedy result.
-        hit = (suppresses & keep[:, None]).any(dim=0)
-        new_keep = alive & ~hit
-        if torch.equal(new_keep, keep):
-            return keep
-        keep = new_keep
-    rows = suppresses.cpu()
-    result = alive.cpu().clone()
-    for i in range(rows.shape[0]):
-        if result[i]:
-            result &= ~rows[i]
-    return result.to(keep.device)
-
-
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                 threshold: float, mode: str = "union", plus_one: bool = False) -> torch.Tensor:
     """Indices kept by greedy NMS run separately per group, ordered by group then score."""
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    # Sort by group, then by descending score, so each group's boxes are contiguous.
+    if boxes.device.type == "cpu" and mode == "union" and not plus_one:
+        keep = _opencv_nms(boxes, scores, groups, threshold)
+    else:
+        keep = masked_nms(boxes, scores, groups, threshold, mode, plus_one)
+    return keep[torch.argsort(groups[keep], stable=True)]
+
+
+def _opencv_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                threshold: float) -> torch.Tensor:
+    """Greedy IoU NMS on the CPU through OpenCV's C++ loop; indices by descending score."""
+    corners = boxes.double().numpy()
+    xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
+    # OpenCV drops scores not above its score threshold (which must be >= 0): shift them all up.
+    keep = cv2.dnn.NMSBoxesBatched(xywh, (scores.double().numpy() + 1.0).astype(np.float32),
+                                   groups.numpy().astype(np.int32), 0.0, float(threshold))
+    return torch.from_numpy(np.asarray(keep, dtype=np.int64).reshape(-1))
+
+
+def masked_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+               threshold: float, mode: str = "union", plus_one: bool = False) -> torch.Tensor:
+    """Greedy NMS per group: overlap masks on the boxes' device, one scan of them on the host."""
     order = torch.argsort(scores, descending=True, stable=True)
     order = order[torch.argsort(groups[order], stable=True)]
     sorted_boxes, sorted_groups = boxes[order], groups[order]
-    kept_chunks: list[torch.Tensor] = []
-    kept_boxes = boxes.new_zeros((0, 4))
-    kept_groups = groups.new_zeros((0,))
-    for start in range(0, len(order), _NMS_BLOCK):
-        block_boxes = sorted_boxes[start:start + _NMS_BLOCK]
-        block_groups = sorted_groups[start:start + _NMS_BLOCK]
-        alive = torch.ones(len(block_boxes), dtype=torch.bool, device=boxes.device)
-        if len(kept_boxes):
-            # Earlier blocks' survivors of the same group suppress boxes in this block.
-            active = kept_groups >= block_groups[0]
-            earlier, earlier_groups = kept_boxes[active], kept_groups[active]
-            if len(earlier):
-                same = earlier_groups[:, None] == block_groups[None, :]
-                over = pairwise_overlap(earlier, block_boxes, mode, plus_one) > threshold
-                alive &= ~(over & same).any(dim=0)
-        same = block_groups[:, None] == block_groups[None, :]
-        over = pairwise_overlap(block_boxes, block_boxes, mode, plus_one) > threshold
-        suppresses = torch.triu(over & same, diagonal=1)
-        keep = _greedy_within_block(suppresses, alive)
-        kept_chunks.append(order[start:start + _NMS_BLOCK][keep])
-        kept_boxes = torch.cat([kept_boxes, block_boxes[keep]])
-        kept_groups = torch.cat([kept_groups, block_groups[keep]])
-    return torch.cat(kept_chunks)
+    count = len(order)
+    removed = np.zeros(count, dtype=bool)
+    kept: list[int] = []
+    for start in range(0, count, _NMS_BLOCK):
+        stop = min(start + _NMS_BLOCK, count)
+        # Which later box of the same group each box of this block would suppress.
+        overlap = pairwise_overlap(sorted_boxes[start:stop], sorted_boxes[start:], mode, plus_one)
+        same = sorted_groups[start:stop, None] == sorted_groups[None, start:]
+        rows = ((overlap > threshold) & same).cpu().numpy()  # one transfer per block
+        for offset in range(stop - start):
+            index = start + offset
+            if removed[index]:
+                continue
+            kept.append(index)
+            removed[start:] |= rows[offset]
+    return order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]
 
 
 def calibrate(boxes: torch.Tensor, offsets: torch.Tensor, plus_one: bool) -> torch.Tensor:

@@ -29,23 +29,26 @@ def random_boxes(count, seed, spread=200.0):
     return torch.cat([corner, corner + size], dim=1), torch.rand(count, generator=generator)
 
 
-@pytest.mark.parametrize("mode,plus_one", [("union", False), ("min", True)])
-@pytest.mark.parametrize("block", [2048, 16])
+@pytest.mark.parametrize("mode,plus_one", [("union", False), ("min", True), ("union", True)])
+@pytest.mark.parametrize("block", [1024, 16])
 def test_batched_nms_matches_sequential_greedy(monkeypatch, mode, plus_one, block):
     monkeypatch.setattr(box_ops, "_NMS_BLOCK", block)
     boxes, scores = random_boxes(300, seed=3)
     groups = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(4))
-    kept = batched_nms(boxes, scores, groups, 0.4, mode, plus_one).tolist()
-    assert kept == greedy_nms(boxes, scores, groups.tolist(), 0.4, mode, plus_one)
+    expected = greedy_nms(boxes, scores, groups.tolist(), 0.4, mode, plus_one)
+    assert batched_nms(boxes, scores, groups, 0.4, mode, plus_one).tolist() == expected
+    # The device-agnostic path (used on GPUs) agrees with the OpenCV one used on CPUs.
+    masked = box_ops.masked_nms(boxes, scores, groups, 0.4, mode, plus_one)
+    assert masked[torch.argsort(groups[masked], stable=True)].tolist() == expected
 
 
-def test_long_suppression_chain_falls_back_correctly(monkeypatch):
+@pytest.mark.parametrize("nms", [batched_nms, box_ops.masked_nms])
+def test_long_suppression_chain(nms):
     # Each box overlaps only its neighbours: the greedy result alternates keep / drop.
-    monkeypatch.setattr(box_ops, "_MAX_FIXED_POINT_ROUNDS", 3)
     x = torch.arange(40, dtype=torch.float32) * 4.0
     boxes = torch.stack([x, torch.zeros(40), x + 10, torch.full((40,), 10.0)], dim=1)
     scores = torch.linspace(1.0, 0.5, 40)
-    kept = batched_nms(boxes, scores, torch.zeros(40, dtype=torch.long), 0.3).tolist()
+    kept = nms(boxes, scores, torch.zeros(40, dtype=torch.long), 0.3).tolist()
     assert kept == list(range(0, 40, 2))
 
 
