@@ -304,7 +304,9 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
         fn_constructor_kwargs={"samples": samples, "augment": config.augment, "seed": config.seed,
                                "weights": config.weights, "mining": config.mining,
                                "storage_options": config.storage_options})
-    dataset.write_parquet(root, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    # Writers take no CPU: the actors hold every CPU until the last image, and the shards
+    # should land as they come rather than wait in the object store.
+    dataset.write_parquet(root, filesystem=PyFileSystem(FSSpecHandler(fs)), ray_remote_args={"num_cpus": 0})
 
     shards = [path for path in fs.find(root) if path.endswith(".parquet")]
     written = (pads.dataset(shards, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
