@@ -1,0 +1,235 @@
+"""mtcnn-jobs submit: run an mtcnn-jobs command on a Ray cluster through Ray's job server.
+
+What travels with a job (its runtime environment):
+  - the code: the `mtcnn` and `jobs` packages of this install (py_modules), so the cluster runs the
+    code you have here; the nodes provide the dependencies (ray_cluster.yaml installs the project);
+  - the working directory (default: the current one, minus .gitignore'd files), so that relative
+    paths in the command, such as a training config, mean on the cluster what they mean here;
+  - settings named with --env: plain ones as environment variables of the job (visible in the job's
+    details), secret ones (names with KEY, SECRET, TOKEN, ...) in a private package that sets them
+    in the job's processes, so that their values appear in no job metadata, entrypoint or log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets as random_tokens
+import shlex
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from .cluster_jobs import ClusterError, connect, exit_status, follow
+from .storage import SECRET_KEYS, redact
+
+#: Name of the generated package that carries secret settings to the job's processes.
+ENV_PACKAGE = "_mtcnn_job_env"
+#: Commands that make no sense on the cluster itself.
+LOCAL_ONLY_COMMANDS = ("submit", "jobs")
+
+_ENV_PACKAGE_INIT = '''"""Settings shipped with one job by mtcnn-jobs submit."""
+import json
+import os
+from pathlib import Path
+
+
+def apply() -> None:
+    """Put the shipped settings into this process's environment (Ray runs it in every worker)."""
+    os.environ.update(json.loads((Path(__file__).parent / "values.json").read_text()))
+'''
+# The job's driver is not a Ray worker, so the entrypoint runs it through this module.
+_ENV_PACKAGE_MAIN = '''import os
+import sys
+
+from . import apply
+
+apply()
+os.execvp(sys.argv[1], sys.argv[1:])
+'''
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class SubmitError(ValueError):
+    """The submission is refused before anything reaches the cluster; the message says why."""
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential."""
+    return any(part in name.lower() for part in SECRET_KEYS)
+
+
+@dataclass
+class JobSettings:
+    """Environment variables for a job, split by whether their values may be shown."""
+
+    plain: dict[str, str] = field(default_factory=dict)
+    secret: dict[str, str] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        """Every variable name, for messages (never the values)."""
+        return sorted([*self.plain, *self.secret])
+
+    def mask(self, text: str) -> str:
+        """text with every secret value replaced by ***."""
+        for value in sorted(self.secret.values(), key=len, reverse=True):
+            if len(value) >= 4:
+                text = text.replace(value, "***")
+        return text
+
+
+def parse_env(specs: list[str], environ: Mapping[str, str]) -> JobSettings:
+    """--env KEY (value from this environment) or KEY=VALUE (plain settings only) -> JobSettings."""
+    settings = JobSettings()
+    for spec in specs:
+        name, has_value, value = spec.partition("=")
+        if not _ENV_NAME.fullmatch(name):
+            raise SubmitError(f"--env {name!r}: not an environment variable name")
+        if has_value and is_secret_name(name):
+            raise SubmitError(f"--env {name}=...: secret values do not belong on the command line "
+                              f"(shell history, process lists); run `export {name}=...` and pass "
+                              f"--env {name}")
+        if not has_value:
+            if name not in environ:
+                raise SubmitError(f"--env {name}: {name} is not set in this environment")
+            value = environ[name]
+        (settings.secret if is_secret_name(name) else settings.plain)[name] = value
+    return settings
+
+
+def check_arguments(arguments: list[str], settings: JobSettings) -> None:
+    """Refuse command arguments that would put credentials into the job's entrypoint."""
+    for argument in arguments:
+        if settings.mask(argument) != argument:
+            raise SubmitError("a secret --env value appears in the command's arguments; the "
+                              "entrypoint is stored and shown with the job, refer to the variable instead")
+        for candidate in (argument, argument.partition("=")[2]):
+            if not candidate.lstrip().startswith("{"):
+                continue
+            try:
+                options = json.loads(candidate)
+            except json.JSONDecodeError:
+                continue
+            if redact(options) != options:
+                raise SubmitError(
+                    "the command's arguments hold credentials (e.g. in --storage-options); the "
+                    "entrypoint is stored and shown with the job: drop them from the options and "
+                    "pass them as variables, e.g. --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY")
+
+
+def local_paths(arguments: list[str]) -> list[str]:
+    """Arguments that are absolute paths on this machine (other nodes will not have them)."""
+    return [a for a in arguments if a.startswith("/") and os.path.exists(a)]
+
+
+@contextlib.contextmanager
+def runtime_environment(settings: JobSettings, working_dir: str | None) -> Iterator[tuple[dict, list[str]]]:
+    """The job's runtime_env and the entrypoint prefix; temporary files live until the block ends."""
+    import jobs
+    import mtcnn
+
+    runtime_env: dict = {
+        "py_modules": [str(Path(mtcnn.__file__).parent), str(Path(jobs.__file__).parent)],
+        "excludes": ["**/__pycache__", "**/*.pyc", ".git"],
+    }
+    if working_dir is not None:
+        if not Path(working_dir).is_dir():
+            raise SubmitError(f"--working-dir {working_dir}: not a folder")
+        runtime_env["working_dir"] = str(Path(working_dir).resolve())
+    if settings.plain:
+        runtime_env["env_vars"] = dict(settings.plain)
+    if not settings.secret:
+        yield runtime_env, []
+        return
+    with tempfile.TemporaryDirectory(prefix="mtcnn-submit-") as folder:
+        package = Path(folder) / ENV_PACKAGE
+        package.mkdir(mode=0o700)
+        values = package / "values.json"
+        values.touch(mode=stat.S_IRUSR | stat.S_IWUSR)
+        values.write_text(json.dumps(settings.secret))
+        (package / "__init__.py").write_text(_ENV_PACKAGE_INIT)
+        (package / "__main__.py").write_text(_ENV_PACKAGE_MAIN)
+        runtime_env["py_modules"].append(str(package))
+        runtime_env["worker_process_setup_hook"] = f"{ENV_PACKAGE}.apply"
+        # Uploaded as a content-addressed zip: only its gcs:// address shows in the job details.
+        yield runtime_env, ["python", "-m", ENV_PACKAGE]
+
+
+def job_id_for(command: str) -> str:
+    """A readable, unique submission id: mtcnn-<command>-<UTC time>-<random>."""
+    return f"mtcnn-{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{random_tokens.token_hex(3)}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the submit command."""
+    parser.add_argument("--address", default=None,
+                        help="job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or an "
+                             "http:// $RAY_ADDRESS)")
+    parser.add_argument("--wait", action="store_true",
+                        help="stream the job's log and exit with its status (0 succeeded, 1 failed, 3 stopped)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                        help="environment variable for the job, from this environment (KEY) or given "
+                             "(KEY=VALUE, not for secrets); repeat for more")
+    parser.add_argument("--working-dir", default=".",
+                        help="folder shipped as the job's working directory (default: the current one)")
+    parser.add_argument("--no-working-dir", action="store_true",
+                        help="ship only the code, not the current folder")
+    parser.add_argument("--job-id", default=None, help="submission id (default: mtcnn-COMMAND-TIME-RANDOM)")
+    parser.add_argument("command", metavar="COMMAND", help="an mtcnn-jobs command, e.g. annotate or train")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="the command's arguments, as you would give them locally")
+
+
+def _check_command(command: str, arguments: list[str]) -> None:
+    from .cli import build_parser
+
+    if command in LOCAL_ONLY_COMMANDS:
+        raise SubmitError(f"{command!r} runs on this machine, not as a cluster job")
+    # Parsing here turns a usage error into an immediate message instead of a failed job.
+    build_parser().parse_args([command, *arguments])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit the command; with --wait, follow it to the end."""
+    try:
+        _check_command(args.command, args.arguments)
+        settings = parse_env(args.env, os.environ)
+        check_arguments(args.arguments, settings)
+        for path in local_paths(args.arguments):
+            print(f"note: {path} is a path on this machine; cluster nodes only see their own disks "
+                  "(use object storage, e.g. s3://, or a shared filesystem)", file=sys.stderr)
+        client = connect(args.address)
+        job_id = args.job_id or job_id_for(args.command)
+        working_dir = None if args.no_working_dir else args.working_dir
+        with runtime_environment(settings, working_dir) as (runtime_env, prefix):
+            entrypoint = shlex.join([*prefix, "mtcnn-jobs", args.command, *args.arguments])
+            client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+                              metadata={"submitted_by": "mtcnn-jobs submit", "command": args.command})
+    except (SubmitError, ClusterError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    address = client.get_address()
+    print(f"submitted {job_id} to {address}")
+    if settings.names():
+        print(f"environment: {', '.join(settings.names())} (values not shown)")
+    print(f"  status: mtcnn-jobs jobs status {job_id} --address {address}")
+    print(f"  logs:   mtcnn-jobs jobs logs {job_id} --follow --address {address}")
+    print(f"  stop:   mtcnn-jobs jobs stop {job_id} --address {address}")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    try:
+        status = follow(client, job_id, mask=settings.mask)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; {job_id} keeps running (stop it with the command above)",
+              file=sys.stderr)
+        return 130
+    print(f"job {job_id} {status.value}", file=sys.stderr)
+    return exit_status(status)
