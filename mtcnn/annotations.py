@@ -182,8 +182,14 @@ def read_facepoint_list(list_file: str | os.PathLike,
         if right < left or bottom < top:
             raise AnnotationError(path, line_number, f"box {left:g} {right:g} {top:g} {bottom:g} is not "
                                   "'x_left x_right y_top y_bottom' (right < left or bottom < top)")
-        entries.append((_resolve(root, fields[0]), [left, top, right, bottom],
-                        np.array(values[4:], np.float32).reshape(5, 2)))
+        points = np.array(values[4:], np.float32).reshape(5, 2)
+        # Points far outside their box mean the box columns are in another order (x1 y1 x2 y2?).
+        margin_x, margin_y = (right - left) / 2, (bottom - top) / 2
+        if ((points[:, 0] < left - margin_x) | (points[:, 0] > right + margin_x) |
+                (points[:, 1] < top - margin_y) | (points[:, 1] > bottom + margin_y)).any():
+            raise AnnotationError(path, line_number, f"landmarks lie far outside the box {left:g} {right:g} "
+                                  f"{top:g} {bottom:g}; the box columns must be x_left x_right y_top y_bottom")
+        entries.append((_resolve(root, fields[0]), [left, top, right, bottom], points))
     return _group_by_image(entries)
 
 
