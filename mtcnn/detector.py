@@ -7,6 +7,8 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
 
+from torch.profiler import record_function
+
 import cv2
 import numpy as np
 import torch
@@ -175,13 +177,14 @@ class FaceDetector:
             scales = pyramid_scales(*image.shape[:2], cfg.min_face_size, cfg.scale_factor)
             if not scales:
                 continue
-            if self.device.type == "cpu":
-                table = sources.table(index) if cfg.pyramid == "classic" else None
-                levels = build_pyramid(image, scales, cfg.pyramid, table)
-            else:
-                full = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
-                levels = [level[0].permute(1, 2, 0)
-                          for level in build_pyramid_tensor(full, scales, cfg.pyramid)]
+            with record_function("mtcnn.pyramid"):
+                if self.device.type == "cpu":
+                    table = sources.table(index) if cfg.pyramid == "classic" else None
+                    levels = build_pyramid(image, scales, cfg.pyramid, table)
+                else:
+                    full = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
+                    levels = [level[0].permute(1, 2, 0)
+                              for level in build_pyramid_tensor(full, scales, cfg.pyramid)]
             for scale, level in zip(scales, levels):
                 by_size[tuple(level.shape[:2])].append((index, level_id, scale, level))
                 level_id += 1
@@ -191,7 +194,8 @@ class FaceDetector:
             batch = torch.stack([entry[3] for entry in entries]).to(self.device)
             # NHWC in memory viewed as NCHW: the channels_last layout the CPU kernels like best.
             batch = batch.permute(0, 3, 1, 2).float()
-            out = self._nets["pnet"](batch)
+            with record_function("mtcnn.pnet"):
+                out = self._nets["pnet"](batch)
             probability = out.face_probability()
             hits = (probability >= cfg.thresholds[0]).nonzero()
             if len(hits) == 0:
@@ -211,9 +215,10 @@ class FaceDetector:
             empty = torch.zeros((0, 4), device=self.device)
             return empty, torch.zeros(0, dtype=torch.long, device=self.device), empty[:, 0]
         boxes, scores, offsets, owners, levels = (torch.cat(p) for p in zip(*pieces))
-        keep = batched_nms(boxes, scores, levels, cfg.level_nms)
-        boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
-        keep = batched_nms(boxes, scores, owners, cfg.stage_nms[0])
+        with record_function("mtcnn.nms"):
+            keep = batched_nms(boxes, scores, levels, cfg.level_nms)
+            boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
+            keep = batched_nms(boxes, scores, owners, cfg.stage_nms[0])
         boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
         return square(calibrate(boxes, offsets, plus_one=False)), owners, scores
 
@@ -222,10 +227,12 @@ class FaceDetector:
                        owners: torch.Tensor):
         """Crop every box from its image, run one stage in bounded chunks, keep those passing."""
         size = INPUT_SIZE[name]
-        crops = sources.crops(boxes, owners, size)
+        with record_function("mtcnn.crops"):
+            crops = sources.crops(boxes, owners, size)
         net = self._nets[name]
-        outputs = [net(crops[i:i + self.config.stage_batch_size])
-                   for i in range(0, len(crops), self.config.stage_batch_size)]
+        with record_function(f"mtcnn.{name}"):
+            outputs = [net(crops[i:i + self.config.stage_batch_size])
+                       for i in range(0, len(crops), self.config.stage_batch_size)]
         scores = torch.cat([o.face_probability() for o in outputs])
         offsets = torch.cat([o.box_offsets for o in outputs])
         landmarks = (torch.cat([o.landmarks for o in outputs])
@@ -241,7 +248,8 @@ class FaceDetector:
             return boxes, owners, boxes.new_zeros(0)
         passed, scores, offsets, _ = self._score_windows("rnet", sources, boxes, owners)
         boxes, scores, offsets, owners = boxes[passed], scores[passed], offsets[passed], owners[passed]
-        keep = batched_nms(boxes, scores, owners, self.config.stage_nms[1])
+        with record_function("mtcnn.nms"):
+            keep = batched_nms(boxes, scores, owners, self.config.stage_nms[1])
         boxes = square(calibrate(boxes[keep], offsets[keep], plus_one=True))
         return boxes, owners[keep], scores[keep]
 
@@ -257,7 +265,9 @@ class FaceDetector:
         landmarks = torch.stack([points[:, :5], points[:, 5:]], dim=2) * size[:, None, :] \
             + boxes[:, None, :2] - 1
         boxes = calibrate(boxes, offsets, plus_one=True)
-        keep = batched_nms(boxes, scores, owners, self.config.stage_nms[2], mode="min", plus_one=True)
+        with record_function("mtcnn.nms"):
+            keep = batched_nms(boxes, scores, owners, self.config.stage_nms[2], mode="min",
+                               plus_one=True)
         return boxes[keep], owners[keep], scores[keep], landmarks[keep]
 
 
