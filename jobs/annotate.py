@@ -206,6 +206,8 @@ class PartWriter:
     def __init__(self, output: str, storage_options: dict, metadata: dict) -> None:
         self.fs, self.root = filesystem(output, storage_options)
         self.local = not is_remote(output)
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
         self.schema = with_metadata(ANNOTATION_SCHEMA, metadata)
         self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
         self.written: list[str] = []
