@@ -1,0 +1,360 @@
+"""Train one cascade stage data-parallel with Ray Train, from Parquet sample shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
+import ray.train
+import torch
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mtcnn.nets import INPUT_SIZE, build_stage, normalize_pixels
+from mtcnn.weights import load_weights, save_weights
+
+from ..ray_env import init_ray
+from ..storage import filesystem, is_remote, redact
+from .losses import STAGE_TASK_WEIGHTS, multitask_loss
+
+#: Columns every sample shard must carry (jobs/training/schema.py writes them).
+SAMPLE_COLUMNS = ("image", "size", "kind", "box", "landmarks")
+WEIGHTS_FILE = "weights.safetensors"
+_STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """One stage's training run."""
+
+    stage: str  # "pnet", "rnet" or "onet"
+    data: str  # folder or URL of the stage's Parquet sample shards
+    output: str  # run folder: weights.safetensors (and checkpoints unless storage_path is set)
+    epochs: int = 10
+    batch_size: int = 384  # samples per optimiser step, across all workers
+    learning_rate: float = 1e-3
+    learning_rate_decay: float = 1.0  # multiplies the learning rate after every epoch
+    weight_decay: float = 0.0
+    ohem: bool = False  # keep only the hardest 70% of classification samples per batch
+    ohem_keep: float = 0.7
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    #: Where Ray Train keeps per-epoch checkpoints (local folder or s3://...); default <output>/checkpoints.
+    storage_path: str | None = None
+    run_name: str | None = None  # reusing a run name and storage path resumes that run
+    max_failures: int = 2  # worker-group restarts (from the last checkpoint) before giving up
+    #: Earlier stages to ship in the output file: "reference", a weights file or a run folder.
+    previous_weights: str | None = None
+    storage_options: dict = field(default_factory=dict)
+    shuffle_buffer: int = 20_000  # samples mixed in each worker's local shuffle buffer
+    seed: int = 0
+    log_every: int = 50  # batches between progress lines within an epoch
+    #: Testing aid: the first worker raises once when this epoch starts (recovery checks).
+    inject_failure_at_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in INPUT_SIZE:
+            raise ValueError(f"stage must be one of {sorted(INPUT_SIZE)}, got {self.stage!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("epochs, batch_size and num_workers must be at least 1 "
+                             f"(got {self.epochs}, {self.batch_size}, {self.num_workers})")
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is smaller than num_workers "
+                             f"{self.num_workers}: every worker needs samples in each step")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0.0 < self.ohem_keep <= 1.0:
+            raise ValueError(f"ohem_keep must be in (0, 1], got {self.ohem_keep!r}")
+
+    @property
+    def checkpoint_storage(self) -> str:
+        """Where checkpoints go: storage_path, or the output folder's checkpoints/."""
+        return self.storage_path or f"{self.output.rstrip('/')}/checkpoints"
+
+
+@dataclass
+class TrainSummary:
+    """What a finished stage run produced."""
+
+    weights_path: str
+    metrics: dict  # the last epoch's metrics
+    history: list[dict]  # every epoch's metrics, oldest first
+    samples: int
+    seconds: float
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def _fixed_width(column: pa.ChunkedArray, width: int, name: str) -> np.ndarray:
+    """(N, width) float32 from a fixed_size_list<float32>[width] (or list) column."""
+    array = column.combine_chunks()
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if values.size != len(array) * width:
+        raise ValueError(f"sample column {name!r} must hold {width} numbers per row")
+    return values.reshape(len(array), width)
+
+
+def decode_samples(batch: pa.Table) -> dict[str, np.ndarray]:
+    """Shard rows -> arrays: pixels (N, S, S, 3) uint8, kind, box (N, 4), landmarks (N, 10)."""
+    images = batch.column("image").combine_chunks()
+    sizes = batch.column("size").to_numpy(zero_copy_only=False).astype(np.int64)
+    side = int(sizes[0]) if len(sizes) else 0
+    if len(sizes) and not np.all(sizes == side):
+        raise ValueError(f"a batch mixes crop sizes {sorted(set(sizes.tolist()))}; "
+                         "a stage trains on one size")
+    if pa.types.is_large_binary(images.type):
+        offsets = np.frombuffer(images.buffers()[1], np.int64)
+    else:
+        offsets = np.frombuffer(images.buffers()[1], np.int32)
+    offsets = offsets[images.offset:images.offset + len(images) + 1]
+    if len(images) and not np.all(np.diff(offsets) == side * side * 3):
+        raise ValueError(f"image bytes do not match size {side}: each row must hold "
+                         f"{side}x{side}x3 uint8 RGB pixels")
+    data = np.frombuffer(images.buffers()[2], np.uint8)[offsets[0]:offsets[-1]] if len(images) \
+        else np.zeros(0, np.uint8)
+    return {
+        "pixels": data.reshape(len(images), side, side, 3),
+        "kind": batch.column("kind").to_numpy(zero_copy_only=False).astype(np.int64),
+        "box": _fixed_width(batch.column("box"), 4, "box"),
+        "landmarks": _fixed_width(batch.column("landmarks"), 10, "landmarks"),
+    }
+
+
+def _check_shards(config: TrainConfig) -> None:
+    """Fail early, with a fix, if the shards are missing or are not this stage's samples."""
+    fs, path = filesystem(config.data, config.storage_options)
+    if not fs.exists(path):
+        raise ValueError(f"sample shards {config.data} not found; run `mtcnn-jobs prepare` first")
+    dataset = pads.dataset(path, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
+    missing = [c for c in SAMPLE_COLUMNS if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"{config.data} is not a sample shard folder: columns {missing} are missing "
+                         f"(found {dataset.schema.names})")
+    head = dataset.head(1, columns=["size"]).column("size").to_pylist()
+    if not head:
+        raise ValueError(f"{config.data} holds no samples")
+    if head[0] != INPUT_SIZE[config.stage]:
+        raise ValueError(f"{config.data} holds {head[0]}px samples but {config.stage} trains on "
+                         f"{INPUT_SIZE[config.stage]}px ones; prepare samples for this stage")
+
+
+def load_samples(config: TrainConfig) -> tuple[ray.data.Dataset, int]:
+    """The stage's samples as a Ray Dataset of training arrays, and how many there are."""
+    fs, path = filesystem(config.data, config.storage_options)
+    shards = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs))) \
+        .select_columns(list(SAMPLE_COLUMNS))
+    count = shards.count()  # from the Parquet footers, before any decoding
+    # Shards are written kind by kind; a random block order plus each worker's local shuffle
+    # buffer mixes kinds within every batch without a full all-to-all shuffle per epoch.
+    dataset = shards.randomize_block_order().map_batches(decode_samples, batch_format="pyarrow",
+                                                        batch_size=4096)
+    return dataset, count
+
+
+# -- the loop each worker runs -----------------------------------------------------------------
+
+def _maybe_inject_failure(config: TrainConfig, epoch: int) -> None:
+    """Raise once (per run folder) at the configured epoch, to exercise failure recovery."""
+    if config.inject_failure_at_epoch != epoch or ray.train.get_context().get_world_rank() != 0:
+        return
+    marker = Path(config.output) / f".injected-failure-{config.stage}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"failed at epoch {epoch}\n")
+    raise RuntimeError(f"injected failure at epoch {epoch} (inject_failure_at_epoch)")
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum per-worker totals across the worker group."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _train_loop(loop_config: dict) -> None:
+    config = TrainConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed + rank)
+    device = ray.train.torch.get_device()
+
+    net = build_stage(config.stage).train()  # train mode: dropout on in R-Net and O-Net
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                 weight_decay=config.weight_decay)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / _STATE_FILE, map_location=device, weights_only=False)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"[{config.stage}] resuming after epoch {state['epoch']} from its checkpoint",
+                  flush=True)
+    resumed_from = start_epoch
+
+    weights = STAGE_TASK_WEIGHTS[config.stage]
+    ohem_keep = config.ohem_keep if config.ohem else None
+    worker_batch = max(1, config.batch_size // world)
+    samples = loop_config["samples"]
+    batches_per_epoch = max(1, math.ceil(samples / config.batch_size))
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, config.epochs):
+        _maybe_inject_failure(config, epoch)
+        learning_rate = config.learning_rate * config.learning_rate_decay ** epoch
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        model.train()
+        started = time.perf_counter()
+        # [loss, n, face loss, n face, box loss, n box, landmark loss, n landmark, correct]:
+        # per-task sums of loss x samples on this worker, for epoch means across all workers.
+        totals = np.zeros(9)
+        for step, batch in enumerate(shard.iter_torch_batches(
+                batch_size=worker_batch, local_shuffle_buffer_size=config.shuffle_buffer,
+                local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank, device=device)):
+            pixels = normalize_pixels(batch["pixels"].permute(0, 3, 1, 2).float())
+            kinds = batch["kind"]
+            terms = multitask_loss(model(pixels), kinds, batch["box"], batch["landmarks"],
+                                   weights, ohem_keep)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            totals += [terms.total.item() * len(kinds), len(kinds),
+                       terms.classification.item() * terms.classified, terms.classified,
+                       terms.box.item() * terms.boxed, terms.boxed,
+                       terms.landmarks.item() * terms.landmarked, terms.landmarked, terms.correct]
+            if rank == 0 and config.log_every and (step + 1) % config.log_every == 0:
+                print(f"[{config.stage}] epoch {epoch + 1}/{config.epochs} "
+                      f"batch {step + 1}/{batches_per_epoch} loss {terms.total.item():.4f}", flush=True)
+        seconds = time.perf_counter() - started
+        summed = _all_sum([*totals.tolist(), seconds], device)
+        loss, n, cls, n_cls, box, n_box, lmk, n_lmk, n_correct, _ = summed
+        metrics = {
+            "epoch": epoch,
+            "loss": loss / max(n, 1),
+            "classification_loss": cls / max(n_cls, 1),
+            "box_loss": box / max(n_box, 1),
+            "landmark_loss": lmk / max(n_lmk, 1),
+            "accuracy": n_correct / max(n_cls, 1),
+            "samples": int(n),
+            "epoch_seconds": seconds,
+            "samples_per_second": n / max(seconds, 1e-9),
+            "learning_rate": learning_rate,
+            "resumed_from_epoch": resumed_from,
+        }
+        history = history + [metrics]
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:  # identical replicas after DDP's all-reduce: one copy is enough
+                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch, "history": history}, Path(folder) / _STATE_FILE)
+                saved = ray.train.Checkpoint.from_directory(folder)
+                print(f"[{config.stage}] epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.4f} "
+                      f"(face {metrics['classification_loss']:.4f}, box {metrics['box_loss']:.4f}, "
+                      f"landmarks {metrics['landmark_loss']:.4f}) accuracy {metrics['accuracy']:.3f} "
+                      f"{metrics['samples_per_second']:.0f} samples/s", flush=True)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+def _run_config(config: TrainConfig) -> RunConfig:
+    fs, path = filesystem(config.checkpoint_storage, config.storage_options)
+    if not is_remote(config.checkpoint_storage):
+        path = os.path.abspath(path)
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return RunConfig(
+        name=config.run_name or config.stage,
+        storage_path=path,
+        storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
+        failure_config=FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+
+
+def _provenance(config: TrainConfig, samples: int, metrics: dict, history: list[dict],
+                previous: dict | None) -> dict:
+    settings = {k: v for k, v in asdict(config).items() if k != "inject_failure_at_epoch"}
+    settings["storage_options"] = redact(settings["storage_options"])
+    return {
+        "name": f"trained {config.stage}",
+        "stage": config.stage,
+        "config": settings,
+        "data": {"shards": config.data, "samples": samples},
+        "epochs": config.epochs,
+        "final_metrics": {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
+        "loss_history": [round(m["loss"], 6) for m in history],
+        "previous": previous,
+    }
+
+
+def _write_weights(config: TrainConfig, stages: dict, provenance: dict) -> str:
+    """Write the run's weights.safetensors locally or to object storage."""
+    destination = f"{config.output.rstrip('/')}/{WEIGHTS_FILE}"
+    if not is_remote(config.output):
+        save_weights(destination, stages, provenance)
+        return destination
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / WEIGHTS_FILE
+        save_weights(local, stages, provenance)
+        fs, path = filesystem(destination, config.storage_options)
+        fs.put(str(local), path)
+    return destination
+
+
+def train_stage(config: TrainConfig) -> TrainSummary:
+    """Train config.stage on its shards with Ray Train and write the run's weights file."""
+    started = time.perf_counter()
+    previous = load_weights(config.previous_weights) if config.previous_weights else None
+    _check_shards(config)
+    init_ray()
+    dataset, samples = load_samples(config)
+    print(f"[{config.stage}] {samples} samples from {config.data}; {config.epochs} epochs on "
+          f"{config.num_workers} worker(s){' with GPUs' if config.use_gpu else ''}"
+          f"{', OHEM' if config.ohem else ''}", flush=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": asdict(config), "samples": samples},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=_run_config(config),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {config.stage} reported no checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / _STATE_FILE, map_location="cpu", weights_only=False)
+    net = build_stage(config.stage)
+    net.load_state_dict(state["model"])
+    history = state["history"]
+    stages = {name: stage for name, stage in (previous.stages.items() if previous else [])
+              if name != config.stage}
+    stages[config.stage] = net.eval()
+    previous_info = ({"source": previous.source, "sha256": previous.sha256,
+                      "name": previous.provenance.get("name")} if previous else None)
+    path = _write_weights(config, stages, _provenance(config, samples, history[-1], history,
+                                                      previous_info))
+    summary = TrainSummary(path, history[-1], history, samples, time.perf_counter() - started)
+    print(f"[{config.stage}] done in {summary.seconds:.0f} s: {path} "
+          f"({json.dumps({k: round(v, 4) for k, v in history[-1].items() if isinstance(v, float)})})",
+          flush=True)
+    return summary
