@@ -1,0 +1,190 @@
+"""mtcnn-jobs submit / jobs against a real Ray head on loopback, with inputs and outputs on S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.storage import filesystem
+from jobs.submit import SubmitError, check_arguments, parse_env
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = [REPO / "tests" / "data" / name for name in ("astronaut.png", "cmyk.jpg", "exif_rotated.jpg")]
+HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+              "metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port",
+              "runtime-env-agent-port")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _without_cluster_settings(environ: dict) -> dict:
+    """This environment minus anything that would point Ray or boto elsewhere or lend credentials."""
+    return {k: v for k, v in environ.items()
+            if not k.startswith(("AWS_", "RAY_")) and k not in ("PYTHONPATH",)}
+
+
+def _session_pids(session_id: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id:  # fields after the command: state ppid pgrp session ...
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_session(session_id: int) -> None:
+    """Stop every process of our head's session (never `ray stop`: it would stop others' Ray too)."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in _session_pids(session_id):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while _session_pids(session_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _session_pids(session_id):
+            return
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head with its job server on 127.0.0.1, token auth on, in its own session; yields its env."""
+    root = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must stay < 108
+    token_file = root / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    environ = _without_cluster_settings(dict(os.environ))
+    environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+    ports = dict(zip(HEAD_PORTS, _free_ports(len(HEAD_PORTS))))
+    command = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={root / 'ray'}",
+               *[f"--{name}={port}" for name, port in ports.items()]]
+    log = open(root / "start.log", "w")
+    starter = subprocess.Popen(command, env={**environ, "RAY_AUTH_MODE": "token"}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert starter.wait(timeout=120) == 0, (root / "start.log").read_text()[-3000:]
+        # The client finds the token through RAY_AUTH_TOKEN_PATH and switches token mode on itself.
+        yield {**environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports['dashboard-port']}"}
+    finally:
+        _stop_session(starter.pid)
+        log.close()
+
+
+def mtcnn_jobs(environ: dict, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the mtcnn-jobs command line as a user would, in a separate process."""
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *arguments], env=environ, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_env_values_come_from_this_environment_and_secrets_stay_off_the_command_line():
+    settings = parse_env(["AWS_ENDPOINT_URL", "REGION=eu-west-1", "AWS_SECRET_ACCESS_KEY"],
+                         {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"})
+    assert settings.plain == {"AWS_ENDPOINT_URL": "http://minio:9000", "REGION": "eu-west-1"}
+    assert settings.secret == {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
+    assert settings.mask("key=s3cr3t-value.") == "key=***."
+    with pytest.raises(SubmitError, match="export AWS_SECRET_ACCESS_KEY"):
+        parse_env(["AWS_SECRET_ACCESS_KEY=abc"], {})
+    with pytest.raises(SubmitError, match="not set"):
+        parse_env(["AWS_SESSION_TOKEN"], {})
+    with pytest.raises(SubmitError, match="not an environment variable name"):
+        parse_env(["1BAD"], {})
+    with pytest.raises(SubmitError, match="hold credentials"):
+        check_arguments(["in", "out", '--storage-options={"secret": "x", "anon": false}'], settings)
+    with pytest.raises(SubmitError, match="secret --env value"):
+        check_arguments(["in", "s3://bucket/s3cr3t-value"], settings)
+    check_arguments(["in", "out", '--storage-options={"anon": false}'], settings)
+
+
+def test_bad_submissions_fail_before_reaching_a_cluster():
+    environ = _without_cluster_settings(dict(os.environ))
+    [unused_port] = _free_ports(1)
+    address = f"http://127.0.0.1:{unused_port}"
+    usage = mtcnn_jobs(environ, "submit", "--address", address, "annotate", "only-input")
+    assert usage.returncode == 2 and "OUTPUT" in usage.stderr
+    local = mtcnn_jobs(environ, "submit", "--address", address, "jobs", "status", "x")
+    assert local.returncode == 2 and "runs on this machine" in local.stderr
+    unreachable = mtcnn_jobs(environ, "submit", "--address", address, "annotate", "s3://b/in", "s3://b/out")
+    assert unreachable.returncode == 2 and f"cannot reach the Ray job server at {address}" in unreachable.stderr
+    no_address = mtcnn_jobs(environ, "jobs", "status", "some-job")
+    assert no_address.returncode == 2 and "--address" in no_address.stderr
+
+
+@pytest.mark.slow
+def test_annotate_job_on_s3_with_credentials_that_never_show(ray_head, s3_server):
+    fs, _ = filesystem("s3://submit-test")
+    fs.mkdir("submit-test")
+    for image in IMAGES:
+        fs.put_file(str(image), f"submit-test/images/{image.name}")
+    # Distinct credentials to search for; moto accepts any. The head has no AWS_* of its own, so
+    # the job can only sign its S3 requests with what --env ships.
+    key_id, secret_key = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+    client_env = {**ray_head, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+                  "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret_key}
+    ship = ["--env", "AWS_ENDPOINT_URL", "--env", "AWS_DEFAULT_REGION",
+            "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY"]
+
+    # A job that fails (no such input) exits non-zero and says why; submitted without --wait.
+    failing = mtcnn_jobs(client_env, "submit", *ship, "--job-id", "missing-input",
+                         "annotate", "s3://submit-test/no-such-prefix", "s3://submit-test/out-missing")
+    assert failing.returncode == 0, failing.stderr
+    assert "submitted missing-input" in failing.stdout
+
+    done = mtcnn_jobs(client_env, "submit", "--wait", *ship, "--job-id", "annotate-s3",
+                      "annotate", "s3://submit-test/images", "s3://submit-test/out", "--batch-size", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "annotated 3 images" in done.stdout  # the job's log, streamed
+
+    table = pq.ParquetDataset("submit-test/out", filesystem=fs).read().to_pylist()
+    assert sorted(Path(row["path"]).name for row in table) == sorted(i.name for i in IMAGES)
+    astronaut = next(row for row in table if row["path"].endswith("astronaut.png"))
+    assert len(astronaut["faces"]) >= 1
+    assert all(row["error"] is None for row in table)
+
+    follow = mtcnn_jobs(client_env, "jobs", "logs", "missing-input", "--follow")
+    assert follow.returncode == 1
+    assert "no-such-prefix" in follow.stdout
+    status = mtcnn_jobs(client_env, "jobs", "status", "missing-input")
+    assert "FAILED" in status.stdout
+
+    # Nothing the cluster stores or shows about the jobs holds the credentials.
+    shown = mtcnn_jobs(client_env, "jobs", "status", "annotate-s3").stdout + done.stdout + done.stderr
+    info_script = ("import json, sys; from jobs.cluster_jobs import connect; c = connect(None); "
+                   "i = c.get_job_info(sys.argv[1]); "
+                   "print(json.dumps({'info': i.model_dump(mode='json'), 'logs': c.get_job_logs(sys.argv[1])}))")
+    for job_id in ("annotate-s3", "missing-input"):
+        readback = subprocess.run([sys.executable, "-c", info_script, job_id], env=ray_head, cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+        assert readback.returncode == 0, readback.stderr
+        details = json.loads(readback.stdout)
+        shown += readback.stdout
+        runtime_env = details["info"]["runtime_env"]
+        assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == s3_server  # plain settings stay visible
+        assert "AWS_SECRET_ACCESS_KEY" not in runtime_env["env_vars"]
+    assert secret_key not in shown and key_id not in shown
