@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.cli import main
 from jobs.storage import filesystem
 from jobs.submit import SubmitError, check_arguments, parse_env
 
@@ -95,6 +97,7 @@ def ray_head():
     finally:
         _stop_session(starter.pid)
         log.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def mtcnn_jobs(environ: dict, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -122,18 +125,21 @@ def test_env_values_come_from_this_environment_and_secrets_stay_off_the_command_
     check_arguments(["in", "out", '--storage-options={"anon": false}'], settings)
 
 
-def test_bad_submissions_fail_before_reaching_a_cluster():
-    environ = _without_cluster_settings(dict(os.environ))
+def test_bad_submissions_fail_before_reaching_a_cluster(monkeypatch, capsys):
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # keep this process's Ray settings as they are
     [unused_port] = _free_ports(1)
     address = f"http://127.0.0.1:{unused_port}"
-    usage = mtcnn_jobs(environ, "submit", "--address", address, "annotate", "only-input")
-    assert usage.returncode == 2 and "OUTPUT" in usage.stderr
-    local = mtcnn_jobs(environ, "submit", "--address", address, "jobs", "status", "x")
-    assert local.returncode == 2 and "runs on this machine" in local.stderr
-    unreachable = mtcnn_jobs(environ, "submit", "--address", address, "annotate", "s3://b/in", "s3://b/out")
-    assert unreachable.returncode == 2 and f"cannot reach the Ray job server at {address}" in unreachable.stderr
-    no_address = mtcnn_jobs(environ, "jobs", "status", "some-job")
-    assert no_address.returncode == 2 and "--address" in no_address.stderr
+    with pytest.raises(SystemExit) as usage:
+        main(["submit", "--address", address, "annotate", "only-input"])
+    assert usage.value.code == 2 and "OUTPUT" in capsys.readouterr().err
+    assert main(["submit", "--address", address, "jobs", "status", "x"]) == 2
+    assert "runs on this machine" in capsys.readouterr().err
+    assert main(["submit", "--address", address, "annotate", "s3://b/in", "s3://b/out"]) == 2
+    assert f"cannot reach the Ray job server at {address}" in capsys.readouterr().err
+    assert main(["jobs", "status", "some-job"]) == 2
+    assert "--address" in capsys.readouterr().err
 
 
 @pytest.mark.slow
