@@ -20,8 +20,10 @@ import pytest
 from jobs.cli import main
 from jobs.storage import filesystem
 from jobs.submit import SubmitError, check_arguments, parse_env
+from mtcnn.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parents[2] / "shared" / "data"
 IMAGES = [REPO / "tests" / "data" / name for name in ("astronaut.png", "cmyk.jpg", "exif_rotated.jpg")]
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
               "metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port",
@@ -194,3 +196,46 @@ def test_annotate_job_on_s3_with_credentials_that_never_show(ray_head, s3_server
         assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == s3_server  # plain settings stay visible
         assert "AWS_SECRET_ACCESS_KEY" not in runtime_env["env_vars"]
     assert secret_key not in shown and key_id not in shown
+
+
+def _pnet_shard(images: int = 6):
+    """P-Net samples from the first WIDER training images, made with the project's sampler."""
+    import cv2
+    import numpy as np
+    import pyarrow as pa
+
+    from jobs.training.samples import SampleConfig, face_samples, to_table
+
+    wider = DATA / "wider_face_train_small"
+    lines = (wider / "wider_face_train_bbx_gt.txt").read_text().splitlines()
+    config, rng, tables, i = SampleConfig(stage="pnet", samples_per_image=60), np.random.default_rng(0), [], 0
+    while len(tables) < images:
+        name, count = lines[i], int(lines[i + 1])
+        rows = [list(map(float, r.split()[:4])) for r in lines[i + 2:i + 2 + max(count, 1)]]
+        i += 2 + max(count, 1)
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in rows if w > 0 and h > 0], np.float32)
+        image = cv2.cvtColor(cv2.imread(str(wider / "images" / name)), cv2.COLOR_BGR2RGB)
+        samples = face_samples(image, boxes, np.zeros(len(boxes), bool), config, rng)
+        tables.append(to_table(samples, name, "pnet"))
+    return pa.concat_tables(tables)
+
+
+@pytest.mark.slow
+def test_tiny_training_job_writes_weights_to_s3(ray_head, s3_server, tmp_path):
+    fs, _ = filesystem("s3://submit-train")
+    fs.mkdir("submit-train")
+    with fs.open("submit-train/samples/pnet/part-0.parquet", "wb") as file:
+        pq.write_table(_pnet_shard(), file)
+    client_env = {**ray_head, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+                  "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+                  "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+    done = mtcnn_jobs(client_env, "submit", "--wait", "--env", "AWS_ENDPOINT_URL", "--env", "AWS_DEFAULT_REGION",
+                      "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY",
+                      "train", "--stage", "pnet", "--data", "s3://submit-train/samples/pnet",
+                      "--output", "s3://submit-train/run", "--epochs", "1", "--workers", "1",
+                      "--cpus-per-worker", "1", "--batch-size", "64")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    fs.get_file("submit-train/run/weights.safetensors", str(tmp_path / "weights.safetensors"))
+    weights = load_weights(str(tmp_path / "weights.safetensors"))
+    assert "pnet" in weights.stages
+    assert client_env["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
