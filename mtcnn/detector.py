@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .boxes import batched_nms, calibrate, crop_regions, crop_resize, integral_image, square
+from .inference import ProposalNet, WindowNet
 from .nets import INPUT_SIZE
 from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scales
 from .weights import CascadeWeights, load_weights
@@ -86,14 +87,13 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _fold_normalization(stage: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a stage that takes raw 0-255 pixels: (x - 127.5) / 128 folded into conv1."""
-    folded = copy.deepcopy(stage)
-    conv = folded.body[0]
-    with torch.no_grad():
-        conv.bias -= 127.5 * 0.0078125 * conv.weight.sum(dim=(1, 2, 3))
-        conv.weight *= 0.0078125
-    return folded
+def _logit(probability: float) -> float:
+    """Inverse of the sigmoid, with the ends of [0, 1] mapped to -inf and inf."""
+    if probability <= 0.0:
+        return -math.inf
+    if probability >= 1.0:
+        return math.inf
+    return math.log(probability / (1.0 - probability))
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -126,11 +126,12 @@ class FaceDetector:
         onet = self.weights.stages.get("onet")
         if onet is not None and not onet.has_landmarks:
             raise ValueError("the O-Net in these weights has no landmark head")
+        # channels_last lets oneDNN run the convolutions about twice as fast on CPUs.
         memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        self._nets = {
-            name: _fold_normalization(stage).to(self.device, memory_format=memory_format).eval()
-            for name, stage in self.weights.stages.items()
-        }
+        self._nets = {}
+        for name, stage in self.weights.stages.items():
+            net = ProposalNet(stage) if name == "pnet" else WindowNet(stage)
+            self._nets[name] = net.to(self.device, memory_format=memory_format).eval()
 
     def detect(self, images) -> list[Detections]:
         """Detect faces in a list of H x W x 3 uint8 RGB images (any sizes, one result each)."""
@@ -189,15 +190,16 @@ class FaceDetector:
                 by_size[tuple(level.shape[:2])].append((index, level_id, scale, level))
                 level_id += 1
 
+        # P-Net's face probability passes the threshold exactly when its logit passes this.
+        threshold_logit = _logit(cfg.thresholds[0])
         pieces = []
         for entries in by_size.values():
             batch = torch.stack([entry[3] for entry in entries]).to(self.device)
             # NHWC in memory viewed as NCHW: the channels_last layout the CPU kernels like best.
             batch = batch.permute(0, 3, 1, 2).float()
             with record_function("mtcnn.pnet"):
-                out = self._nets["pnet"](batch)
-            probability = out.face_probability()
-            hits = (probability >= cfg.thresholds[0]).nonzero()
+                features, logits = self._nets["pnet"](batch)
+                hits = (logits >= threshold_logit).nonzero()
             if len(hits) == 0:
                 continue
             member, row, col = hits.unbind(1)
@@ -208,8 +210,8 @@ class FaceDetector:
             # Window of output cell (row, col): 12 px at stride 2, in the original's 1-based rule.
             boxes = torch.floor((2 * cell + torch.tensor([1.0, 1.0, 12.0, 12.0], device=self.device))
                                 / scale[:, None])
-            pieces.append((boxes, probability[member, row, col],
-                           out.box_offsets[member, :, row, col],
+            offsets = self._nets["pnet"].box_offsets(features[member, row, col])
+            pieces.append((boxes, torch.sigmoid(logits[member, row, col]), offsets,
                            meta[member, 0].long(), meta[member, 1].long()))
         if not pieces:
             empty = torch.zeros((0, 4), device=self.device)
@@ -233,10 +235,8 @@ class FaceDetector:
         with record_function(f"mtcnn.{name}"):
             outputs = [net(crops[i:i + self.config.stage_batch_size])
                        for i in range(0, len(crops), self.config.stage_batch_size)]
-        scores = torch.cat([o.face_probability() for o in outputs])
-        offsets = torch.cat([o.box_offsets for o in outputs])
-        landmarks = (torch.cat([o.landmarks for o in outputs])
-                     if outputs[0].landmarks is not None else None)
+        scores, offsets, landmarks = (torch.cat(part) if part[0] is not None else None
+                                      for part in zip(*outputs))
         threshold = self.config.thresholds[1 if name == "rnet" else 2]
         # Crops that fell wholly outside the image are dropped with the low scores.
         passed = (scores > threshold) & sources.valid
