@@ -339,6 +339,9 @@ def _build_dataset(pending: list[str], config: AnnotateConfig, weights: CascadeW
 
     use_gpu = config.num_gpus > 0
     cpus_per_actor = config.cpus_per_actor or 1.0
+    if use_gpu and resources.get("GPU", 0) <= 0:
+        raise ValueError(f"--num-gpus {config.num_gpus} asks for GPUs but the Ray cluster has none; "
+                         "drop --num-gpus to run on CPUs, or connect to a GPU cluster with --address")
     if config.concurrency is not None:
         actors = config.concurrency
     elif use_gpu:

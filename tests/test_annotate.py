@@ -193,3 +193,19 @@ def test_cli_exits_non_zero_with_one_line_when_it_cannot_run(ray_session, images
     assert error.count("\n") == 0 and "not writable" in error
     assert main(["annotate", str(images), str(tmp_path / "o"), "--storage-options", "[1]"]) == 2
     assert "JSON object" in capfd.readouterr().err
+
+
+def test_decoding_in_separate_tasks_gives_the_same_rows(first_run, images, tmp_path):
+    # The layout used with GPUs (CPU tasks decode, actors only detect), run here on CPUs.
+    config, _ = first_run
+    manifest = tmp_path / "some.txt"
+    names = ["astronaut.png", "deep16.png", "exif_rotated.jpg", "truncated.jpg", "one pixel.png"]
+    manifest.write_text("\n".join(str(images / n) for n in names))
+    summary = annotate(AnnotateConfig(str(manifest), str(tmp_path / "out"), max_pixels=MAX_PIXELS,
+                                      batch_size=2, concurrency=1, separate_decode=True,
+                                      show_progress=False))
+    assert (summary.images, summary.errors) == (5, 1)
+    expected = {row[0]: row for row in rows(config.output) if Path(row[0]).name in names}
+    assert {row[0]: row for row in rows(str(tmp_path / "out"))} == expected
+    with pytest.raises(ValueError, match="has none"):
+        annotate(AnnotateConfig(str(manifest), str(tmp_path / "gpu"), num_gpus=1, show_progress=False))
