@@ -177,12 +177,12 @@ class FaceAnnotator:
                 images.append(np.frombuffer(pixels, np.uint8).reshape(height, width, 3))
                 where.append(index)
         detections = [None] * len(paths)
-        for index, found in zip(where, self._detect(images, [paths[i] for i in where], errors, where)):
+        for index, found in zip(where, self._detect(images, errors, where)):
             detections[index] = found
         sizes = [size if detections[i] is not None else None for i, size in enumerate(sizes)]
         return annotation_table(paths, sizes, detections, errors)
 
-    def _detect(self, images, paths, errors, where):
+    def _detect(self, images, errors, where):
         """Detections per image; if the batch fails, image by image so one cannot sink the rest."""
         try:
             return self.detector.detect(images)
