@@ -10,7 +10,7 @@ from jobs.annotate import PartWriter
 from jobs.cli import main
 from jobs.decode import decode_image
 from jobs.schema import annotation_table
-from mtcnn import DetectorConfig, FaceDetector
+from mtcnn import FaceDetector
 
 DATA = Path(__file__).parent / "data"
 
