@@ -97,8 +97,9 @@ def crop_regions(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Pixel-edge regions (N, 4) that the cascade crops for boxes, clipped to the image."""
     # Matches the original MTCNN's 1-based integer convention: pixels trunc(x1)-1 .. trunc(x2)-1.
     whole = boxes.trunc()
-    x1 = whole[:, 0].clamp(min=1) - 1
-    y1 = whole[:, 1].clamp(min=1) - 1
+    # A box wholly outside the image keeps an in-bounds (empty or 1-pixel) region.
+    x1 = whole[:, 0].clamp(min=1, max=width) - 1
+    y1 = whole[:, 1].clamp(min=1, max=height) - 1
     x2 = whole[:, 2].clamp(max=width)
     y2 = whole[:, 3].clamp(max=height)
     return torch.stack([x1, y1, x2, y2], dim=1)
@@ -130,10 +131,18 @@ def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int) -> torch.
     # Each output pixel is the mean of its bin: the same bins as adaptive average pooling
     # ("area" interpolation), read from the summed-area table with four lookups.
     whole = regions.long()
-    y0, y1 = _area_bins(whole[:, 1], (whole[:, 3] - whole[:, 1]).clamp(min=1), size)
-    x0, x1 = _area_bins(whole[:, 0], (whole[:, 2] - whole[:, 0]).clamp(min=1), size)
-    y0, y1 = y0[:, :, None], y1[:, :, None]
-    x0, x1 = x0[:, None, :], x1[:, None, :]
-    sums = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
-    area = ((y1 - y0) * (x1 - x0)).unsqueeze(-1)
-    return (sums.float() / area.float()).permute(0, 3, 1, 2)
+    rows0, rows1 = _area_bins(whole[:, 1], (whole[:, 3] - whole[:, 1]).clamp(min=1), size)
+    cols0, cols1 = _area_bins(whole[:, 0], (whole[:, 2] - whole[:, 0]).clamp(min=1), size)
+    # Lookups by flat index (one index_select each) are much faster than 2-D fancy indexing.
+    flat = table.reshape(-1, channels)
+    stride = table.shape[1]
+    top, bottom = (rows0 * stride)[:, :, None], (rows1 * stride)[:, :, None]
+    left, right = cols0[:, None, :], cols1[:, None, :]
+
+    def lookup(index: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, index.reshape(-1))
+
+    sums = lookup(bottom + right) - lookup(top + right) - lookup(bottom + left) + lookup(top + left)
+    area = ((rows1 - rows0)[:, :, None] * (cols1 - cols0)[:, None, :]).reshape(-1, 1)
+    crops = (sums.float() / area.float()).reshape(len(regions), size, size, channels)
+    return crops.permute(0, 3, 1, 2)
