@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -133,3 +134,45 @@ def test_every_node_installs_this_repository(cluster):
     assert any(f'"{remote_dir}[jobs]"' in c for c in installs), installs
     # Runs/ and build outputs must not be copied to every node.
     assert ".gitignore" in cluster["rsync_filter"]
+
+
+def _image_tag_parts(image: str) -> tuple[str, str]:
+    match = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-(?P<python>py\d+)-\w+", image)
+    assert match, image
+    return match["ray"], match["python"]
+
+
+def test_dockerfile_builds_on_this_ray_and_copies_what_the_package_needs():
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_IMAGE=(\S+)$", dockerfile, re.M)[1]
+    assert _image_tag_parts(base) == (ray.__version__, f"py{sys.version_info.major}{sys.version_info.minor}")
+    copied = {name for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M)
+              for name in line.split()}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", project["project"]["readme"],
+              *project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert {name.rstrip("*") for name in needed} <= copied
+
+
+def test_kuberay_job_is_consistent_and_its_command_parses():
+    from jobs.cli import build_parser
+
+    job = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == ray.__version__
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    assert len(images) == 1, images  # one image: the same code and Ray everywhere
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpus = {}
+    for group in spec["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        gpus[group["groupName"]] = int(limits.get("nvidia.com/gpu", 0))
+    assert any(gpus.values()) and not all(gpus.values())
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[0] == "mtcnn-jobs"
+    build_parser().parse_args(command[1:])
+    env_vars = yaml.safe_load(job["spec"]["runtimeEnvYAML"]).get("env_vars", {})
+    assert not [name for name in env_vars if any(s in name.lower() for s in ("key", "secret", "token"))]
