@@ -127,7 +127,10 @@ class FaceDetector:
         if onet is not None and not onet.has_landmarks:
             raise ValueError("the O-Net in these weights has no landmark head")
         # channels_last lets oneDNN run the convolutions about twice as fast on CPUs.
-        memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        # On CPUs the pyramid, summed-area tables and NMS use OpenCV's C++ kernels; elsewhere
+        # everything stays in torch on the device.
+        self._host_kernels = self.device.type == "cpu"
+        memory_format = torch.channels_last if self._host_kernels else torch.contiguous_format
         self._nets = {}
         for name, stage in self.weights.stages.items():
             net = ProposalNet(stage) if name == "pnet" else WindowNet(stage)
@@ -140,7 +143,7 @@ class FaceDetector:
         if not rgb:
             return []
         with torch.inference_mode():
-            sources = _ImageSources(rgb, self.device)
+            sources = _ImageSources(rgb, self.device, self._host_kernels)
             boxes, owners, _ = self._propose(sources)
             boxes, owners, _ = self._refine(sources, boxes, owners)
             boxes, owners, scores, landmarks = self._output(sources, boxes, owners)
@@ -155,7 +158,7 @@ class FaceDetector:
         if not rgb:
             return []
         with torch.inference_mode():
-            sources = _ImageSources(rgb, self.device)
+            sources = _ImageSources(rgb, self.device, self._host_kernels)
             boxes, owners, scores = self._propose(sources)
             if up_to == "rnet":
                 boxes, owners, scores = self._refine(sources, boxes, owners)
@@ -179,7 +182,7 @@ class FaceDetector:
             if not scales:
                 continue
             with record_function("mtcnn.pyramid"):
-                if self.device.type == "cpu":
+                if self._host_kernels:
                     table = sources.table(index) if cfg.pyramid == "classic" else None
                     levels = build_pyramid(image, scales, cfg.pyramid, table)
                 else:
@@ -281,9 +284,10 @@ def _as_image_list(images) -> list[np.ndarray]:
 class _ImageSources:
     """Images of one call, with summed-area tables made once per image on demand for cropping."""
 
-    def __init__(self, images: list[np.ndarray], device: torch.device) -> None:
+    def __init__(self, images: list[np.ndarray], device: torch.device, host_kernels: bool) -> None:
         self.images = images
         self.device = device
+        self.host_kernels = host_kernels
         self._tables: dict[int, torch.Tensor] = {}
         self.valid = torch.zeros(0, dtype=torch.bool, device=device)
 
@@ -291,7 +295,7 @@ class _ImageSources:
         """Summed-area table of image index on the device."""
         if index not in self._tables:
             image = self.images[index]
-            if self.device.type == "cpu" and image.shape[0] * image.shape[1] * 255 < 2**31:
+            if self.host_kernels and image.shape[0] * image.shape[1] * 255 < 2**31:
                 # OpenCV's integral is several times faster than two torch cumsums on CPU.
                 table = torch.from_numpy(cv2.integral(image, sdepth=cv2.CV_32S))
             else:
@@ -313,7 +317,7 @@ class _ImageSources:
             start += count
         self.valid = torch.cat(valid)
         return torch.cat(chunks).contiguous(memory_format=torch.channels_last) \
-            if self.device.type == "cpu" else torch.cat(chunks)
+            if self.host_kernels else torch.cat(chunks)
 
 
 def _split_by_image(count: int, boxes: torch.Tensor, owners: torch.Tensor, scores: torch.Tensor,

@@ -133,6 +133,23 @@ def test_invalid_images_are_refused_clearly(detector, image, message):
         detector.detect([image])
 
 
+def test_accelerator_code_path_agrees_with_the_cpu_path(monkeypatch, astronaut):
+    # What runs on a GPU (torch pyramid, torch summed-area tables, masked NMS) run here on the
+    # CPU, so the path is checked on machines without one.
+    from mtcnn import boxes as box_ops
+    small = cv2.resize(astronaut, (320, 300), interpolation=cv2.INTER_AREA)
+    host = FaceDetector(pyramid="classic").detect([astronaut, small])
+    device_path = FaceDetector(pyramid="classic")
+    device_path._host_kernels = False
+    monkeypatch.setattr(box_ops, "_opencv_nms", lambda b, s, g, t: box_ops.masked_nms(b, s, g, t))
+    for expected, found in zip(host, device_path.detect([astronaut, small])):
+        assert np.allclose(expected.boxes, found.boxes, atol=1e-2)
+        assert np.allclose(expected.landmarks, found.landmarks, atol=1e-2)
+    dynamic = FaceDetector(pyramid="dynamic")
+    dynamic._host_kernels = False
+    assert len(dynamic.detect([astronaut])[0]) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(astronaut, reference):
     found = FaceDetector(device="cuda", pyramid="classic").detect([astronaut])[0]
