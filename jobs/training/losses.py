@@ -9,8 +9,7 @@ from torch.nn import functional as F
 
 from mtcnn.nets import StageOutput
 
-# Sample kinds as stored in the shards' `kind` column (jobs/training/schema.py writes them).
-NEGATIVE, POSITIVE, PART, LANDMARK = 0, 1, 2, 3
+from .schema import LANDMARK, NEGATIVE, PART, POSITIVE  # noqa: F401 - re-exported for callers
 
 
 @dataclass(frozen=True)

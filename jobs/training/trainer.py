@@ -27,7 +27,7 @@ from ..ray_env import init_ray
 from ..storage import filesystem, is_remote, redact
 from .losses import STAGE_TASK_WEIGHTS, multitask_loss
 
-#: Columns every sample shard must carry (jobs/training/schema.py writes them).
+#: Columns of the sample schema (jobs/training/schema.py) that training reads.
 SAMPLE_COLUMNS = ("image", "size", "kind", "box", "landmarks")
 WEIGHTS_FILE = "weights.safetensors"
 _STATE_FILE = "train_state.pt"
@@ -152,8 +152,8 @@ def _check_shards(config: TrainConfig) -> None:
 def load_samples(config: TrainConfig) -> tuple[ray.data.Dataset, int]:
     """The stage's samples as a Ray Dataset of training arrays, and how many there are."""
     fs, path = filesystem(config.data, config.storage_options)
-    shards = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs))) \
-        .select_columns(list(SAMPLE_COLUMNS))
+    shards = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs)),
+                                  file_extensions=["parquet"]).select_columns(list(SAMPLE_COLUMNS))
     count = shards.count()  # from the Parquet footers, before any decoding
     # Shards are written kind by kind; a random block order plus each worker's local shuffle
     # buffer mixes kinds within every batch without a full all-to-all shuffle per epoch.

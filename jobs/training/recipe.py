@@ -1,0 +1,183 @@
+"""The whole cascade in one run: prepare P -> train P -> mine R -> train R -> mine O -> train O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mtcnn.nets import STAGES
+
+from ..storage import redact
+from .schema import SUMMARY_FILE, stage_folder
+from .trainer import WEIGHTS_FILE, TrainConfig, TrainSummary, train_stage
+
+
+@dataclass
+class StageRecipe:
+    """Samples and training schedule of one stage."""
+
+    samples_per_image: int = 100  # negatives + positives + parts per face image
+    mix: tuple[float, float, float, float] = (3.0, 1.0, 1.0, 2.0)  # neg : pos : part : landmark
+    negative_iou: float = 0.3
+    epochs: int = 10
+    batch_size: int = 384
+    learning_rate: float = 1e-3
+    learning_rate_decay: float = 0.9
+
+
+@dataclass
+class RecipeConfig:
+    """Where the data is and how each stage is prepared and trained."""
+
+    faces: str  # WIDER gt file or a folder holding one and images/
+    landmarks: str | None = None  # 5-point list (cnn_facepoint format)
+    limit: int | None = None  # first N images of each list (quick runs)
+    augment: bool = True
+    stages: dict[str, StageRecipe] = field(default_factory=lambda: {s: StageRecipe() for s in STAGES})
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    ohem: bool = False
+    prepare_concurrency: int | None = None  # sample-making actors; None: one per CPU
+    mining_min_face_size: float = 20.0  # smallest face the mining cascade looks for
+    mining_pyramid: str = "dynamic"
+    storage_path: str | None = None  # checkpoints; None: under each stage's run folder
+    storage_options: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stages) - set(STAGES)
+        if unknown or list(self.stages) != [s for s in STAGES if s in self.stages]:
+            raise ValueError(f"stages must be a subset of {list(STAGES)} in cascade order, "
+                             f"got {list(self.stages)}")
+        if "pnet" not in self.stages:
+            raise ValueError("the recipe starts with pnet: every later stage is mined with it")
+
+
+def _build(cls, values: dict, where: str):
+    """A dataclass from a mapping, naming unknown keys instead of failing on them obscurely."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+    return cls(**values)
+
+
+def load_recipe(path: str | Path) -> RecipeConfig:
+    """Read a recipe YAML file; relative data paths are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe config {path} not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    values = dict(values)
+    stages = values.pop("stages", None)
+    if stages is not None:
+        if not isinstance(stages, dict):
+            raise ValueError(f"{path}: stages must map stage names to settings")
+        values["stages"] = {name: _build(StageRecipe, settings or {}, f"{path}: stages.{name}")
+                            for name, settings in stages.items()}
+        for settings in values["stages"].values():
+            settings.mix = tuple(settings.mix)
+    for key in ("faces", "landmarks"):
+        if values.get(key) and "://" not in values[key] and not Path(values[key]).is_absolute():
+            values[key] = str((path.parent / values[key]).resolve())
+    return _build(RecipeConfig, values, str(path))
+
+
+@dataclass
+class RecipeSummary:
+    """What a recipe run produced."""
+
+    weights_path: str
+    stages: dict[str, dict]  # per stage: samples, prepare seconds, train seconds, final metrics
+    seconds: float
+
+
+def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str | None) -> dict:
+    """Make (or reuse, when a finished earlier run left them) a stage's samples."""
+    from mtcnn.detector import DetectorConfig
+
+    from ..prepare import MINING_DETECTOR, PrepareConfig, prepare_stage
+    from .augment import AugmentConfig
+    from .samples import SampleConfig
+
+    folder = Path(stage_folder(str(samples_root), stage))
+    summary_file = folder / SUMMARY_FILE
+    if summary_file.is_file():
+        record = json.loads(summary_file.read_text())
+        print(f"[recipe] {stage}: reusing samples in {folder} ({record['counts']})", flush=True)
+        return {"counts": record["counts"], "prepare_seconds": record["seconds"], "reused": True}
+    settings = config.stages[stage]
+    prepare = PrepareConfig(
+        output=str(samples_root),
+        samples=SampleConfig(stage=stage, samples_per_image=settings.samples_per_image,
+                             mix=settings.mix, negative_iou=settings.negative_iou),
+        faces=config.faces, landmarks=config.landmarks, weights=weights,
+        mining=DetectorConfig(min_face_size=config.mining_min_face_size,
+                              thresholds=MINING_DETECTOR.thresholds, pyramid=config.mining_pyramid),
+        augment=AugmentConfig() if config.augment else None, seed=config.seed, limit=config.limit,
+        concurrency=config.prepare_concurrency, overwrite=True,
+        storage_options=config.storage_options)
+    print(f"[recipe] {stage}: preparing samples"
+          f"{f' mined with {weights}' if weights else ''}", flush=True)
+    summary = prepare_stage(prepare)
+    for line in summary.lines():
+        print(f"[recipe] {line}", flush=True)
+    return {"counts": summary.counts, "prepare_seconds": round(summary.seconds, 1)}
+
+
+def _train(config: RecipeConfig, stage: str, samples_root: Path, run_folder: Path,
+           previous: str | None) -> TrainSummary | None:
+    settings = config.stages[stage]
+    if (run_folder / WEIGHTS_FILE).is_file():
+        print(f"[recipe] {stage}: reusing trained weights in {run_folder}", flush=True)
+        return None
+    # Same run name and storage path as an interrupted attempt: Ray Train resumes its checkpoint.
+    return train_stage(TrainConfig(
+        stage=stage, data=stage_folder(str(samples_root), stage), output=str(run_folder),
+        epochs=settings.epochs, batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, learning_rate_decay=settings.learning_rate_decay,
+        ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
+        cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path,
+        run_name=f"recipe-{stage}", previous_weights=previous,
+        storage_options=config.storage_options, seed=config.seed))
+
+
+def run_recipe(config: RecipeConfig, output: str | Path) -> RecipeSummary:
+    """Prepare and train every configured stage in turn; the final weights land in output/."""
+    started = time.perf_counter()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    samples_root = output / "samples"
+    previous: str | None = None
+    report: dict[str, dict] = {}
+    for stage in config.stages:
+        stage_started = time.perf_counter()
+        report[stage] = _prepare(config, stage, samples_root, previous)
+        run_folder = output / stage
+        trained = _train(config, stage, samples_root, run_folder, previous)
+        if trained is not None:
+            report[stage].update(train_seconds=round(trained.seconds, 1), samples=trained.samples,
+                                 final_metrics=trained.metrics)
+        report[stage]["stage_seconds"] = round(time.perf_counter() - stage_started, 1)
+        previous = str(run_folder)  # its weights file holds this stage and all earlier ones
+        print(f"[recipe] {stage} finished after {time.perf_counter() - started:.0f} s in all",
+              flush=True)
+    final = output / WEIGHTS_FILE
+    shutil.copyfile(Path(previous) / WEIGHTS_FILE, final)  # `load_weights(output)` finds it
+    seconds = time.perf_counter() - started
+    record = {"config": redact(dataclasses.asdict(config)), "stages": report,
+              "seconds": round(seconds, 1), "weights": str(final)}
+    (output / "recipe.json").write_text(json.dumps(record, indent=2, default=str))
+    return RecipeSummary(str(final), report, seconds)
