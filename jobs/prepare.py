@@ -188,7 +188,13 @@ class SampleMaker:
         for path, reason in errors:
             # Surfaces in the driver's log; the summary lists every image without samples.
             print(f"prepare: skipped {path}: {reason}", file=sys.stderr)
-        return pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
+        if not tables:
+            return SAMPLE_SCHEMA.empty_table()
+        table = pa.concat_tables(tables)
+        # Kinds come out grouped per image; mixing rows here gives training batches of every
+        # kind without a global shuffle.
+        order = np.random.default_rng([self.seed, *indices]).permutation(table.num_rows)
+        return table.take(pa.array(order))
 
 
 # -- the job ------------------------------------------------------------------------------------
