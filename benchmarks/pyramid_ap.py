@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.evaluate import Progress, evaluate_wider_folder
+from jobs.evaluate import InProcessDetection, evaluate_wider_folder
 from mtcnn import FaceDetector
 from mtcnn.evaluation import SETTINGS, evaluate_wider, load_wider_ground_truth
 
@@ -51,8 +51,8 @@ def main() -> None:
     for pyramid in args.pyramids:
         detector = FaceDetector(weights="reference", pyramid=pyramid, min_face_size=args.min_face_size)
         started = time.perf_counter()
-        result = evaluate_wider_folder(detector, str(args.data), args.limit, batch_size=4,
-                                       on_progress=lambda label, total: Progress(f"{pyramid} pyramid", total, 15))
+        detect = InProcessDetection(detector, batch_size=4, progress_interval=15)
+        result = evaluate_wider_folder(lambda paths, _: detect(paths, f"{pyramid} pyramid"), str(args.data), args.limit)
         seconds = time.perf_counter() - started
         results[pyramid] = result.ap
         print(f"{pyramid:8s} AP " + "  ".join(f"{s} {result.ap[s]:.4f}" for s in SETTINGS)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mtcnn import DetectorConfig, FaceDetector
+from mtcnn import Detections, DetectorConfig, FaceDetector, load_weights
 from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
                               load_wider_ground_truth, save_pr_curves)
@@ -45,7 +47,7 @@ def read_rgb(path: str) -> np.ndarray:
 class Progress:
     """Prints images done / total and images/s at most every `interval` seconds."""
 
-    def __init__(self, label: str, total: int, interval: float = 10.0, stream=sys.stderr) -> None:
+    def __init__(self, label: str, total: int, interval: float = 10.0, stream=None) -> None:
         self.label, self.total, self.interval, self.stream = label, total, interval, stream
         self.started = self.last = time.perf_counter()
         self.done = 0
@@ -59,7 +61,7 @@ class Progress:
             rate = self.done / max(now - self.started, 1e-9)
             remaining = (self.total - self.done) / rate if rate > 0 else float("inf")
             print(f"{self.label}: {self.done}/{self.total} images, {rate:.2f} images/s, "
-                  f"about {remaining:.0f} s left", file=self.stream, flush=True)
+                  f"about {remaining:.0f} s left", file=self.stream or sys.stderr, flush=True)
 
     @property
     def images_per_second(self) -> float:
@@ -67,39 +69,87 @@ class Progress:
         return self.done / max(time.perf_counter() - self.started, 1e-9)
 
 
-def detect_files(detector: FaceDetector, paths: list[str], batch_size: int = 4,
-                 progress: Progress | None = None) -> list:
-    """Detections for each image file, in order, with the detector in this process."""
-    results = []
-    for start in range(0, len(paths), batch_size):
-        images = [read_rgb(path) for path in paths[start:start + batch_size]]
-        results.extend(detector.detect(images))
-        if progress is not None:
+class InProcessDetection:
+    """Detects faces in image files with one FaceDetector in this process, with progress lines."""
+
+    def __init__(self, detector: FaceDetector, batch_size: int = 4, progress_interval: float = 10.0) -> None:
+        self.detector, self.batch_size, self.progress_interval = detector, batch_size, progress_interval
+
+    def __call__(self, paths: list[str], label: str) -> list[Detections]:
+        """Detections for each image file, in order."""
+        progress = Progress(label, len(paths), self.progress_interval)
+        results = []
+        for start in range(0, len(paths), self.batch_size):
+            images = [read_rgb(path) for path in paths[start:start + self.batch_size]]
+            results.extend(self.detector.detect(images))
             progress.advance(len(images))
-    return results
+        return results
 
 
-def evaluate_wider_folder(detector: FaceDetector, folder: str, limit: int | None = None, batch_size: int = 4,
-                          on_progress: Callable[[str, int], Progress] | None = None) -> WiderResult:
+@dataclass
+class AnnotateJobDetection:
+    """Detects faces in image files with the annotate Ray job (Ray Data actors, local or on a cluster)."""
+
+    weights: str
+    detector: DetectorConfig
+    work_dir: str
+    address: str | None = None
+    num_gpus: float = 0.0
+    concurrency: int | None = None
+    batch_size: int = 16
+
+    def __call__(self, paths: list[str], label: str) -> list[Detections]:
+        """Detections for each image file, in order; the job's rows stay under work_dir/label."""
+        from .annotate import AnnotateConfig, annotate
+        from .preview import read_annotations
+
+        folder = Path(self.work_dir) / label
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = folder / "images.txt"
+        manifest.write_text("".join(path + "\n" for path in paths))
+        output = str(folder / "detections")
+        summary = annotate(AnnotateConfig(
+            input=str(manifest), output=output, weights=self.weights, detector=self.detector,
+            address=self.address, num_gpus=self.num_gpus, concurrency=self.concurrency,
+            batch_size=self.batch_size, overwrite=True))
+        print(f"{label}: {summary.line()}", file=sys.stderr, flush=True)
+        table = read_annotations(output)
+        rows = {os.path.abspath(path) if "://" not in path else path: (faces, error) for path, faces, error in
+                zip(table["path"].to_pylist(), table["faces"].to_pylist(), table["error"].to_pylist())}
+        results = []
+        for path in paths:
+            faces, error = rows.get(os.path.abspath(path) if "://" not in path else path,
+                                    (None, "the annotate job returned no row for it"))
+            if error is not None or faces is None:
+                raise ImageReadError(f"{path}: {error}")
+            faces = sorted(faces, key=lambda face: -face["score"])
+            results.append(Detections(
+                np.array([f["box"] for f in faces], np.float32).reshape(-1, 4),
+                np.array([f["score"] for f in faces], np.float32),
+                np.array([f["landmarks"] for f in faces], np.float32).reshape(-1, 5, 2)))
+        return results
+
+
+#: Detection backend: (image paths, label for progress) -> detections per image, in order.
+Detect = Callable[[list[str], str], list[Detections]]
+
+
+def evaluate_wider_folder(detect: Detect, folder: str, limit: int | None = None) -> WiderResult:
     """WIDER AP of a detector over a WIDER-format folder (its first `limit` images if given)."""
     ground_truth = load_wider_ground_truth(folder)
     if limit is not None:
         ground_truth = ground_truth.subset(ground_truth.images[:limit])
-    progress = (on_progress or Progress)("wider", len(ground_truth.images))
-    found = detect_files(detector, [ground_truth.image_path(name) for name in ground_truth.images],
-                         batch_size, progress)
+    found = detect([ground_truth.image_path(name) for name in ground_truth.images], "wider")
     detections = {name: (d.boxes, d.scores) for name, d in zip(ground_truth.images, found)}
     return evaluate_wider(detections, ground_truth)
 
 
-def evaluate_landmark_list(detector: FaceDetector, list_file: str, limit: int | None = None, batch_size: int = 4,
-                           on_progress: Callable[[str, int], Progress] | None = None) -> LandmarkResult:
+def evaluate_landmark_list(detect: Detect, list_file: str, limit: int | None = None) -> LandmarkResult:
     """Landmark error (NME) of a detector over the faces of a 5-point list file."""
     annotations = read_facepoint_list(list_file)
     if limit is not None:
         annotations = annotations[:limit]
-    progress = (on_progress or Progress)("landmarks", len(annotations))
-    found = detect_files(detector, [a.path for a in annotations], batch_size, progress)
+    found = detect([a.path for a in annotations], "landmarks")
     return evaluate_landmarks([(d.boxes, d.landmarks) for d in found],
                               [(a.boxes, a.landmarks) for a in annotations])
 
@@ -116,6 +166,11 @@ class EvaluateConfig:
     output: str | None = None
     limit: int | None = None
     batch_size: int = 4
+    #: Detect with the annotate Ray job instead of in this process.
+    use_ray: bool = False
+    address: str | None = None
+    num_gpus: float = 0.0
+    concurrency: int | None = None
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -126,29 +181,35 @@ def evaluate(config: EvaluateConfig) -> dict:
         raise ValueError(f"--limit must be at least 1, got {config.limit}")
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
-    detector = FaceDetector(weights=config.weights, device=config.device, config=config.detector)
+    weights = load_weights(config.weights)
     metrics: dict = {
-        "weights": {"source": str(detector.weights.source or config.weights), "sha256": detector.weights.sha256,
-                    "provenance": redact(detector.weights.provenance)},
-        "detector": dataclasses.asdict(detector.config),
-        "device": config.device,
+        "weights": {"source": str(weights.source or config.weights), "sha256": weights.sha256,
+                    "provenance": redact(weights.provenance)},
+        "detector": dataclasses.asdict(config.detector),
+        "detection": "annotate Ray job" if config.use_ray else f"in process on {config.device}",
     }
-    wider = None
-    if config.wider:
-        started = time.perf_counter()
-        wider = evaluate_wider_folder(detector, config.wider, config.limit, config.batch_size)
-        seconds = time.perf_counter() - started
-        metrics["wider"] = {
-            "folder": str(config.wider), "images": wider.num_images, "detections": wider.num_detections,
-            "ap": wider.ap, "seconds": seconds,
-            "curves": {s: {"recall": np.round(c.recall, 6).tolist(), "precision": np.round(c.precision, 6).tolist()}
-                       for s, c in wider.curves.items()},
-        }
-    if config.landmarks:
-        started = time.perf_counter()
-        landmarks = evaluate_landmark_list(detector, config.landmarks, config.limit, config.batch_size)
-        metrics["landmarks"] = {"list": str(config.landmarks), **landmarks.as_dict(),
-                                "seconds": time.perf_counter() - started}
+    with tempfile.TemporaryDirectory(prefix="mtcnn-evaluate-") as scratch:
+        if config.use_ray:
+            detect: Detect = AnnotateJobDetection(
+                str(config.weights), config.detector, str(Path(config.output) / "annotate") if config.output
+                else scratch, config.address, config.num_gpus, config.concurrency, config.batch_size)
+        else:
+            detect = InProcessDetection(FaceDetector(weights, config.device, config.detector), config.batch_size)
+        wider = None
+        if config.wider:
+            started = time.perf_counter()
+            wider = evaluate_wider_folder(detect, config.wider, config.limit)
+            metrics["wider"] = {
+                "folder": str(config.wider), "images": wider.num_images, "detections": wider.num_detections,
+                "ap": wider.ap, "seconds": time.perf_counter() - started,
+                "curves": {s: {"recall": np.round(c.recall, 6).tolist(),
+                               "precision": np.round(c.precision, 6).tolist()} for s, c in wider.curves.items()},
+            }
+        if config.landmarks:
+            started = time.perf_counter()
+            landmarks = evaluate_landmark_list(detect, config.landmarks, config.limit)
+            metrics["landmarks"] = {"list": str(config.landmarks), **landmarks.as_dict(),
+                                    "seconds": time.perf_counter() - started}
     if config.output:
         output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
@@ -201,6 +262,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and pr_curves.png")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each set only")
     parser.add_argument("--batch-size", type=int, default=4, help="images per detector call")
+    parser.add_argument("--ray", action="store_true",
+                        help="detect with the annotate Ray job (Ray Data actors) instead of in this process; "
+                             "its rows are kept under OUTPUT/annotate")
+    parser.add_argument("--address", default=None, help="with --ray: Ray cluster address (default: local Ray)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per detector actor")
+    parser.add_argument("--concurrency", type=int, default=None, help="with --ray: detector actors")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,8 +277,9 @@ def run(args: argparse.Namespace) -> int:
                                   scale_factor=args.scale_factor, pyramid=args.pyramid)
         metrics = evaluate(EvaluateConfig(
             wider=args.wider, landmarks=args.landmarks, weights=args.weights, detector=detector,
-            device=args.device, output=args.output, limit=args.limit, batch_size=args.batch_size))
-    except (AnnotationError, ImageReadError, FileNotFoundError, ValueError) as error:
+            device=args.device, output=args.output, limit=args.limit, batch_size=args.batch_size,
+            use_ray=args.ray, address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency))
+    except (AnnotationError, ImageReadError, FileNotFoundError, ValueError, ConnectionError) as error:
         print(f"mtcnn-jobs evaluate: {error}", file=sys.stderr)
         return 2
     print(format_table(metrics))

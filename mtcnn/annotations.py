@@ -72,7 +72,7 @@ def _resolve(root: Path, relative: str) -> str:
     root_text = str(root)
     if "://" in root_text:
         return root_text.rstrip("/") + "/" + relative
-    return str((root / relative).absolute())
+    return os.path.abspath(os.path.join(root, relative))
 
 
 def _numbers(path: Path, line_number: int, fields: list[str], what: str) -> list[float]:

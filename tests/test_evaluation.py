@@ -269,15 +269,26 @@ def test_pr_curve_picture_shows_each_curve(tmp_path):
 
 # -- the command -----------------------------------------------------------------------------------
 
-def test_evaluate_command_end_to_end(tmp_path, capsys):
-    output = tmp_path / "run"
-    status = cli_main(["evaluate", "--wider", str(WIDER), "--landmarks",
-                       str(DATA / "cnn_facepoint_5pt" / "testImageList.txt"), "--limit", "2",
-                       "--pyramid", "classic", "--output", str(output)])
-    printed = capsys.readouterr()
-    assert status == 0, printed.err
-    assert "AP" in printed.out and "NME" in printed.out
-    assert "wider: 2/2 images" in printed.err  # progress
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """One in-process run of the command on two images of each set: (exit status, stdout, stderr, folder)."""
+    import contextlib
+    import io
+
+    output = tmp_path_factory.mktemp("evaluate") / "local"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli_main(["evaluate", "--wider", str(WIDER), "--landmarks",
+                           str(DATA / "cnn_facepoint_5pt" / "testImageList.txt"), "--limit", "2",
+                           "--pyramid", "classic", "--output", str(output)])
+    return status, out.getvalue(), err.getvalue(), output
+
+
+def test_evaluate_command_end_to_end(local_run):
+    status, out, err, output = local_run
+    assert status == 0, err
+    assert "AP" in out and "NME" in out
+    assert "wider: 2/2 images" in err  # progress
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["weights"]["source"] == "reference" and len(metrics["weights"]["sha256"]) == 64
     assert metrics["detector"]["pyramid"] == "classic"
@@ -288,6 +299,34 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     assert metrics["landmarks"]["num_missed"] == 0 and metrics["landmarks"]["mean_nme"] < 0.15
     picture = cv2.imread(str(output / "pr_curves.png"))
     assert picture is not None and picture.shape[2] == 3
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_evaluate_command_with_the_annotate_ray_job(tmp_path, capsys, local_run, local_ray):
+    output = tmp_path / "ray"
+    assert cli_main(["evaluate", "--wider", str(WIDER), "--limit", "2", "--pyramid", "classic", "--ray",
+                     "--batch-size", "1", "--output", str(output)]) == 0
+    assert "annotated 2 images" in capsys.readouterr().err
+    local = json.loads((local_run[3] / "metrics.json").read_text())
+    on_ray = json.loads((output / "metrics.json").read_text())
+    assert on_ray["detection"] == "annotate Ray job"
+    assert list((output / "annotate" / "wider" / "detections").glob("part-*.parquet"))
+    # The same detector on the same pixels, whichever way it runs.
+    assert on_ray["wider"]["detections"] == local["wider"]["detections"] > 0
+    for setting in SETTINGS:
+        assert on_ray["wider"]["ap"][setting] == pytest.approx(local["wider"]["ap"][setting], abs=1e-6)
 
 
 def test_evaluate_command_bad_input(tmp_path, capsys):

@@ -114,7 +114,7 @@ def load_wider_ground_truth(folder: str | os.PathLike) -> WiderGroundTruth:
         raise FileNotFoundError(f"expected one *_bbx_gt.txt in {folder}, found {[p.name for p in gt_files]}")
     image_root = folder / "images"
     annotations = read_wider(gt_files[0], image_root)
-    images = [os.path.relpath(a.path, image_root.absolute()).replace(os.sep, "/") for a in annotations]
+    images = [os.path.relpath(a.path, os.path.abspath(image_root)).replace(os.sep, "/") for a in annotations]
     boxes = [a.boxes.astype(np.float64) for a in annotations]
     counted = {}
     for setting in SETTINGS:
