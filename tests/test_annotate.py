@@ -133,7 +133,7 @@ def test_resume_skips_done_paths_overwrite_starts_over(first_run, images, tmp_pa
     shutil.copytree(config.output, output)
     for row_file in output.glob("*.parquet"):  # point the copied rows at the copied folder
         table = pq.read_table(row_file)
-        paths = [p.replace(str(images), str(grown)) for p in annotations.column("path").to_pylist()]
+        paths = [p.replace(str(images), str(grown)) for p in table.column("path").to_pylist()]
         pq.write_table(table.set_column(0, "path", pa.array(paths)), row_file)
     shutil.copy(DATA / "cmyk.jpg", grown / "new image.jpg")
     grown_config = AnnotateConfig(str(grown), str(output), max_pixels=MAX_PIXELS, show_progress=False)
