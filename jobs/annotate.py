@@ -42,7 +42,8 @@ class AnnotateConfig:
 
     input: str
     output: str
-    weights: str = "reference"
+    #: 'reference', a weights file or run folder, or weights already loaded.
+    weights: str | CascadeWeights = "reference"
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     #: Ray cluster to connect to; None starts an embedded local instance.
     address: str | None = None
@@ -272,8 +273,10 @@ def annotate(config: AnnotateConfig,
     from .ray_env import init_ray
 
     started = time.perf_counter()
-    weights = load_weights(config.weights)
-    metadata = run_metadata(str(weights.source or config.weights), weights.sha256, redact(weights.provenance), config.detector,
+    weights = config.weights if isinstance(config.weights, CascadeWeights) \
+        else load_weights(config.weights)
+    metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
+                            redact(weights.provenance), config.detector,
                             config.max_pixels)
     metadata["device"] = "cuda" if config.num_gpus > 0 else "cpu"
     paths = list_inputs(config.input, config.storage_options)
@@ -359,8 +362,8 @@ def _build_dataset(pending: list[str], config: AnnotateConfig, weights: CascadeW
                                       fn_kwargs={"storage_options": config.storage_options,
                                                  "max_pixels": config.max_pixels})
     return dataset.map_batches(
-        FaceAnnotator, batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor, num_gpus=config.num_gpus or None,
+        FaceAnnotator, batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor, num_gpus=config.num_gpus or None,
         fn_constructor_kwargs={"weights": weights, "detector": config.detector, "use_gpu": use_gpu,
                                "threads": max(1, int(cpus_per_actor)),
                                "storage_options": config.storage_options,
