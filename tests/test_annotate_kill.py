@@ -33,10 +33,12 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path):
     for index in range(12):
         shutil.copy(DATA / ("astronaut.png" if index % 2 else "cmyk.jpg"), folder / f"img {index:02d}.png")
     killed: list[int] = []
+    rows_at_kill: list[int] = []
 
     def kill_after_first_rows(summary) -> None:
         # Rows of one batch are in; the actors are busy with the rest. Kill them all, once.
         if not killed:
+            rows_at_kill.append(summary.images)
             for pid in annotator_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -46,6 +48,7 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path):
     summary = annotate(config, on_rows=kill_after_first_rows)
 
     assert killed, "no FaceAnnotator process was found to kill"
+    assert rows_at_kill[0] < 12  # the kill hit a job with work left to retry
     assert summary.images == 12 and summary.errors == 0
     found = duckdb.sql(f"select path, len(faces) from '{tmp_path}/out/*.parquet'").fetchall()
     paths = [path for path, _ in found]
