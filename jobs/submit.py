@@ -173,7 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or an "
                              "http:// $RAY_ADDRESS)")
     parser.add_argument("--wait", action="store_true",
-                        help="stream the job's log and exit with its status (0 succeeded, 1 failed, 3 stopped)")
+                        help="stream the job's log and exit with its status "
+                             "(0 succeeded, 1 failed, 3 stopped)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                         help="environment variable for the job, from this environment (KEY) or given "
                              "(KEY=VALUE, not for secrets); repeat for more")

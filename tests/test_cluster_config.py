@@ -110,7 +110,7 @@ def test_images_pin_this_ray_and_python(cluster):
         if "docker" in spec:
             images[name] = spec["docker"]["worker_image"]
     for where, image in images.items():
-        match = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-(?P<python>py\d+)-(?P<kind>gpu|cpu|cu\d+)", image)
+        match = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-(?P<python>py\d+)-(gpu|cpu|cu\d+)", image)
         assert match, f"{where}: {image} is not a pinned rayproject/ray image"
         assert match["ray"] == ray.__version__, (where, image)
         assert match["python"] == python_tag, (where, image)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,6 +26,9 @@ from mtcnn.weights import load_weights
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parents[2] / "shared" / "data"
 IMAGES = [REPO / "tests" / "data" / name for name in ("astronaut.png", "cmyk.jpg", "exif_rotated.jpg")]
+#: submit options that ship the S3 settings and credentials of the client's environment.
+SHIP_AWS = ["--env", "AWS_ENDPOINT_URL", "--env", "AWS_DEFAULT_REGION",
+            "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY"]
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
               "metrics-export-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port",
               "runtime-env-agent-port")
@@ -63,7 +67,7 @@ def _session_pids(session_id: int) -> list[int]:
 
 def _stop_session(session_id: int) -> None:
     """Stop every process of our head's session (never `ray stop`: it would stop others' Ray too)."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         for pid in _session_pids(session_id):
             try:
                 os.kill(pid, sig)
@@ -76,9 +80,17 @@ def _stop_session(session_id: int) -> None:
             return
 
 
+@dataclass
+class RayHead:
+    """A running head: the environment of a client that talks to it, and its temp dir."""
+
+    environ: dict
+    temp_dir: Path
+
+
 @pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with its job server on 127.0.0.1, token auth on, in its own session; yields its env."""
+def ray_head() -> RayHead:
+    """A Ray head with its job server on 127.0.0.1, token auth on, in its own session."""
     root = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must stay < 108
     token_file = root / "auth_token"
     token_file.write_text(secrets.token_hex(32))
@@ -87,7 +99,8 @@ def ray_head():
     environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     ports = dict(zip(HEAD_PORTS, _free_ports(len(HEAD_PORTS))))
     command = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-               "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={root / 'ray'}",
+               "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+               f"--temp-dir={root / 'ray'}",
                *[f"--{name}={port}" for name, port in ports.items()]]
     log = open(root / "start.log", "w")
     starter = subprocess.Popen(command, env={**environ, "RAY_AUTH_MODE": "token"}, stdout=log,
@@ -95,17 +108,24 @@ def ray_head():
     try:
         assert starter.wait(timeout=120) == 0, (root / "start.log").read_text()[-3000:]
         # The client finds the token through RAY_AUTH_TOKEN_PATH and switches token mode on itself.
-        yield {**environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports['dashboard-port']}"}
+        client = {**environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports['dashboard-port']}"}
+        yield RayHead(environ=client, temp_dir=root / "ray")
     finally:
         _stop_session(starter.pid)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
-def mtcnn_jobs(environ: dict, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def mtcnn_jobs(environ: dict, *arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the mtcnn-jobs command line as a user would, in a separate process."""
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *arguments], env=environ, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *arguments], env=environ, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as timeout_error:
+        output = timeout_error.output or b""
+        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        pytest.fail(f"mtcnn-jobs {' '.join(arguments[:3])} ... still running after {timeout:.0f} s; "
+                    f"its output so far:\n{output[-4000:]}")
 
 
 def test_env_values_come_from_this_environment_and_secrets_stay_off_the_command_line():
@@ -153,21 +173,23 @@ def test_annotate_job_on_s3_with_credentials_that_never_show(ray_head, s3_server
     # Distinct credentials to search for; moto accepts any. The head has no AWS_* of its own, so
     # the job can only sign its S3 requests with what --env ships.
     key_id, secret_key = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
-    client_env = {**ray_head, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+    client_env = {**ray_head.environ, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
                   "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret_key}
-    ship = ["--env", "AWS_ENDPOINT_URL", "--env", "AWS_DEFAULT_REGION",
-            "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY"]
 
     # A job that fails (no such input) exits non-zero and says why; submitted without --wait.
-    failing = mtcnn_jobs(client_env, "submit", *ship, "--job-id", "missing-input",
+    failing = mtcnn_jobs(client_env, "submit", *SHIP_AWS, "--job-id", "missing-input",
                          "annotate", "s3://submit-test/no-such-prefix", "s3://submit-test/out-missing")
     assert failing.returncode == 0, failing.stderr
     assert "submitted missing-input" in failing.stdout
 
-    done = mtcnn_jobs(client_env, "submit", "--wait", *ship, "--job-id", "annotate-s3",
-                      "annotate", "s3://submit-test/images", "s3://submit-test/out", "--batch-size", "2")
+    done = mtcnn_jobs(client_env, "submit", "--wait", *SHIP_AWS, "--job-id", "annotate-s3",
+                      "annotate", "s3://submit-test/images", "s3://submit-test/out", "--batch-size", "2",
+                      "--concurrency", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "annotated 3 images" in done.stdout  # the job's log, streamed
+    # The job's driver joined this cluster (its Ray Data logs are in the head's session), rather
+    # than starting a Ray of its own.
+    assert str(ray_head.temp_dir) in done.stdout + done.stderr
 
     table = pq.ParquetDataset("submit-test/out", filesystem=fs).read().to_pylist()
     assert sorted(Path(row["path"]).name for row in table) == sorted(i.name for i in IMAGES)
@@ -178,27 +200,41 @@ def test_annotate_job_on_s3_with_credentials_that_never_show(ray_head, s3_server
     follow = mtcnn_jobs(client_env, "jobs", "logs", "missing-input", "--follow")
     assert follow.returncode == 1
     assert "no-such-prefix" in follow.stdout
-    status = mtcnn_jobs(client_env, "jobs", "status", "missing-input")
-    assert "FAILED" in status.stdout
 
-    # Nothing the cluster stores or shows about the jobs holds the credentials.
-    shown = mtcnn_jobs(client_env, "jobs", "status", "annotate-s3").stdout + done.stdout + done.stderr
-    info_script = ("import json, sys; from jobs.cluster_jobs import connect; c = connect(None); "
-                   "i = c.get_job_info(sys.argv[1]); "
-                   "print(json.dumps({'info': i.model_dump(mode='json'), 'logs': c.get_job_logs(sys.argv[1])}))")
-    for job_id in ("annotate-s3", "missing-input"):
-        readback = subprocess.run([sys.executable, "-c", info_script, job_id], env=ray_head, cwd=REPO,
-                                  capture_output=True, text=True, timeout=120)
-        assert readback.returncode == 0, readback.stderr
-        details = json.loads(readback.stdout)
-        shown += readback.stdout
-        runtime_env = details["info"]["runtime_env"]
-        assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == s3_server  # plain settings stay visible
-        assert "AWS_SECRET_ACCESS_KEY" not in runtime_env["env_vars"]
+    # Nothing the cluster stores or shows about the jobs holds the credentials: read everything
+    # back (job details, logs, `jobs status`) in one process.
+    readback = subprocess.run([sys.executable, "-c", _READBACK, "annotate-s3", "missing-input"],
+                              env=ray_head.environ, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert readback.returncode == 0, readback.stderr
+    jobs = json.loads(readback.stdout)
+    assert "FAILED" in jobs["missing-input"]["status_command"]
+    assert "SUCCEEDED" in jobs["annotate-s3"]["status_command"]
+    for details in jobs.values():
+        env_vars = details["info"]["runtime_env"]["env_vars"]
+        assert env_vars["AWS_ENDPOINT_URL"] == s3_server  # plain settings stay visible
+        assert "AWS_SECRET_ACCESS_KEY" not in env_vars and "AWS_ACCESS_KEY_ID" not in env_vars
+        assert details["info"]["entrypoint"].startswith("python -m _mtcnn_job_env mtcnn-jobs annotate s3://")
+    shown = readback.stdout + done.stdout + done.stderr + failing.stdout + follow.stdout + follow.stderr
     assert secret_key not in shown and key_id not in shown
 
 
-def _pnet_shard(images: int = 6):
+# Prints {job id: {info, logs, status_command}} for the job ids given, as the CLI and SDK see them.
+_READBACK = """
+import contextlib, io, json, sys
+from jobs.cli import main
+from jobs.cluster_jobs import connect
+client, out = connect(None), {}
+for job_id in sys.argv[1:]:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["jobs", "status", job_id])
+    out[job_id] = {"info": client.get_job_info(job_id).model_dump(mode="json"),
+                   "logs": client.get_job_logs(job_id), "status_command": printed.getvalue()}
+print(json.dumps(out))
+"""
+
+
+def _pnet_shard(images: int = 3):
     """P-Net samples from the first WIDER training images, made with the project's sampler."""
     import cv2
     import numpy as np
@@ -226,11 +262,10 @@ def test_tiny_training_job_writes_weights_to_s3(ray_head, s3_server, tmp_path):
     fs.mkdir("submit-train")
     with fs.open("submit-train/samples/pnet/part-0.parquet", "wb") as file:
         pq.write_table(_pnet_shard(), file)
-    client_env = {**ray_head, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+    client_env = {**ray_head.environ, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
                   "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
                   "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
-    done = mtcnn_jobs(client_env, "submit", "--wait", "--env", "AWS_ENDPOINT_URL", "--env", "AWS_DEFAULT_REGION",
-                      "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY",
+    done = mtcnn_jobs(client_env, "submit", "--wait", *SHIP_AWS,
                       "train", "--stage", "pnet", "--data", "s3://submit-train/samples/pnet",
                       "--output", "s3://submit-train/run", "--epochs", "1", "--workers", "1",
                       "--cpus-per-worker", "1", "--batch-size", "64")
