@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="back-propagate only the hardest 70%% of face/non-face samples per batch")
     parser.add_argument("--workers", type=int, default=defaults.num_workers,
                         help="Ray Train workers (default %(default)s)")
-    parser.add_argument("--cpus-per-worker", type=float, default=defaults.cpus_per_worker)
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPUs per worker (default: up to 1, leaving one for reading shards)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--storage-path", help="checkpoints (folder or s3://...); default OUTPUT/checkpoints")
     parser.add_argument("--run-name", help="Ray Train run name; reuse it to resume a stopped run")

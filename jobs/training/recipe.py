@@ -41,7 +41,7 @@ class RecipeConfig:
     augment: bool = True
     stages: dict[str, StageRecipe] = field(default_factory=lambda: {s: StageRecipe() for s in STAGES})
     num_workers: int = 2
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: up to 1, leaving Ray Data a CPU
     use_gpu: bool = False
     ohem: bool = False
     prepare_concurrency: int | None = None  # sample-making actors; None: one per CPU

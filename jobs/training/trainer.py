@@ -7,7 +7,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,8 @@ class TrainConfig:
     ohem_keep: float = 0.7
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    #: None: up to one each, leaving the cluster a CPU to read and decode shards with.
+    cpus_per_worker: float | None = None
     #: Where Ray Train keeps per-epoch checkpoints (local folder or s3://...); default <output>/checkpoints.
     storage_path: str | None = None
     run_name: str | None = None  # reusing a run name and storage path resumes that run
@@ -199,7 +200,7 @@ def _train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / _STATE_FILE, map_location=device, weights_only=False)
+            state = torch.load(Path(folder) / _STATE_FILE, map_location=device, weights_only=True)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
@@ -288,6 +289,12 @@ def _run_config(config: TrainConfig) -> RunConfig:
     )
 
 
+def _default_cpus_per_worker(num_workers: int) -> float:
+    """CPUs per worker that leave Ray Data a CPU: with none left, reading shards would stall."""
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return min(1.0, max(total - 1.0, total / 2.0) / num_workers)
+
+
 def _provenance(config: TrainConfig, samples: int, metrics: dict, history: list[dict],
                 previous: dict | None) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k != "inject_failure_at_epoch"}
@@ -324,6 +331,8 @@ def train_stage(config: TrainConfig) -> TrainSummary:
     previous = load_weights(config.previous_weights) if config.previous_weights else None
     _check_shards(config)
     init_ray()
+    if config.cpus_per_worker is None:
+        config = replace(config, cpus_per_worker=_default_cpus_per_worker(config.num_workers))
     dataset, samples = load_samples(config)
     print(f"[{config.stage}] {samples} samples from {config.data}; {config.epochs} epochs on "
           f"{config.num_workers} worker(s){' with GPUs' if config.use_gpu else ''}"
@@ -342,7 +351,7 @@ def train_stage(config: TrainConfig) -> TrainSummary:
     if result.checkpoint is None:
         raise RuntimeError(f"training {config.stage} reported no checkpoint")
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / _STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(Path(folder) / _STATE_FILE, map_location="cpu", weights_only=True)
     net = build_stage(config.stage)
     net.load_state_dict(state["model"])
     history = state["history"]
