@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 from .cluster_jobs import ClusterError, connect, exit_status, follow
 from .storage import SECRET_KEYS, redact
@@ -85,14 +85,16 @@ class JobSettings:
         return text
 
 
-def parse_env(specs: list[str], environ: Mapping[str, str]) -> JobSettings:
-    """--env KEY (value from this environment) or KEY=VALUE (plain settings only) -> JobSettings."""
+def parse_env(specs: Sequence[str], environ: Mapping[str, str], secret_names: Sequence[str] = ()) -> JobSettings:
+    """--env KEY (value from this environment) or KEY=VALUE (plain settings only), and
+    --secret-env KEY (always handled as a secret) -> JobSettings."""
     settings = JobSettings()
-    for spec in specs:
+    for spec in [*specs, *secret_names]:
         name, has_value, value = spec.partition("=")
+        secret = is_secret_name(name) or spec in secret_names
         if not _ENV_NAME.fullmatch(name):
             raise SubmitError(f"--env {name!r}: not an environment variable name")
-        if has_value and is_secret_name(name):
+        if has_value and secret:
             raise SubmitError(f"--env {name}=...: secret values do not belong on the command line "
                               f"(shell history, process lists); run `export {name}=...` and pass "
                               f"--env {name}")
@@ -100,7 +102,7 @@ def parse_env(specs: list[str], environ: Mapping[str, str]) -> JobSettings:
             if name not in environ:
                 raise SubmitError(f"--env {name}: {name} is not set in this environment")
             value = environ[name]
-        (settings.secret if is_secret_name(name) else settings.plain)[name] = value
+        (settings.secret if secret else settings.plain)[name] = value
     return settings
 
 
@@ -178,6 +180,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                         help="environment variable for the job, from this environment (KEY) or given "
                              "(KEY=VALUE, not for secrets); repeat for more")
+    parser.add_argument("--secret-env", action="append", default=[], metavar="KEY",
+                        help="environment variable from this environment whose value must not show, "
+                             "whatever its name (names with KEY, SECRET, TOKEN, ... are secret anyway)")
     parser.add_argument("--working-dir", default=".",
                         help="folder shipped as the job's working directory (default: the current one)")
     parser.add_argument("--no-working-dir", action="store_true",
@@ -201,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     """Submit the command; with --wait, follow it to the end."""
     try:
         _check_command(args.command, args.arguments)
-        settings = parse_env(args.env, os.environ)
+        settings = parse_env(args.env, os.environ, args.secret_env)
         check_arguments(args.arguments, settings)
         for path in local_paths(args.arguments):
             print(f"note: {path} is a path on this machine; cluster nodes only see their own disks "

@@ -134,6 +134,8 @@ def test_env_values_come_from_this_environment_and_secrets_stay_off_the_command_
     assert settings.plain == {"AWS_ENDPOINT_URL": "http://minio:9000", "REGION": "eu-west-1"}
     assert settings.secret == {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
     assert settings.mask("key=s3cr3t-value.") == "key=***."
+    forced = parse_env([], {"DATABASE_URL": "postgres://u:pw@db"}, secret_names=["DATABASE_URL"])
+    assert forced.secret == {"DATABASE_URL": "postgres://u:pw@db"} and not forced.plain
     with pytest.raises(SubmitError, match="export AWS_SECRET_ACCESS_KEY"):
         parse_env(["AWS_SECRET_ACCESS_KEY=abc"], {})
     with pytest.raises(SubmitError, match="not set"):
