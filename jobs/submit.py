@@ -85,7 +85,8 @@ class JobSettings:
         return text
 
 
-def parse_env(specs: Sequence[str], environ: Mapping[str, str], secret_names: Sequence[str] = ()) -> JobSettings:
+def parse_env(specs: Sequence[str], environ: Mapping[str, str],
+              secret_names: Sequence[str] = ()) -> JobSettings:
     """--env KEY (value from this environment) or KEY=VALUE (plain settings only), and
     --secret-env KEY (always handled as a secret) -> JobSettings."""
     settings = JobSettings()
