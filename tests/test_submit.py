@@ -276,3 +276,15 @@ def test_tiny_training_job_writes_weights_to_s3(ray_head, s3_server, tmp_path):
     weights = load_weights(str(tmp_path / "weights.safetensors"))
     assert "pnet" in weights.stages
     assert client_env["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_job_reports_stopped(ray_head, tmp_path):
+    submitted = mtcnn_jobs(ray_head.environ, "submit", "--job-id", "to-stop", "--no-working-dir",
+                           "annotate", str(REPO / "tests" / "data"), str(tmp_path / "out"))
+    assert submitted.returncode == 0, submitted.stderr
+    stop = mtcnn_jobs(ray_head.environ, "jobs", "stop", "to-stop", "--wait")
+    assert stop.returncode == 0, stop.stderr
+    assert "stop requested for to-stop" in stop.stdout and "STOPPED" in stop.stdout
+    follow = mtcnn_jobs(ray_head.environ, "jobs", "logs", "to-stop", "--follow")
+    assert follow.returncode == 3  # --wait and --follow exit 3 for a stopped job
