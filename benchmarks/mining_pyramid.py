@@ -10,6 +10,7 @@ each sample set (prepare --pyramid classic|dynamic, train, evaluate); --weights 
 to mine with (a trained one from the recipe, or the reference).
 
     python benchmarks/mining_pyramid.py [--weights reference] [--limit 100] [--threads 2]
+        [--trained CLASSIC_CASCADE DYNAMIC_CASCADE [--eval-limit N]]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mtcnn.detector import DetectorConfig, FaceDetector
 from mtcnn.pyramid import build_pyramid, pyramid_scales
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wider_face_train_small"
+VALIDATION = DATA.parent / "wider_face_val_dev"
 
 
 class Clock:
@@ -95,6 +97,11 @@ def main() -> None:
     parser.add_argument("--min-face-size", type=float, default=20.0)
     parser.add_argument("--threshold", type=float, default=0.6, help="P-Net threshold while mining")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trained", nargs=2, metavar=("CLASSIC", "DYNAMIC"),
+                        help="full cascades whose later stages trained on samples mined with each pyramid: "
+                             "their WIDER AP is printed side by side")
+    parser.add_argument("--validation", default=str(VALIDATION), help="WIDER-format folder for --trained")
+    parser.add_argument("--eval-limit", type=int, default=None, help="first N validation images only")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
@@ -145,8 +152,21 @@ def main() -> None:
           f"{total(classic, 'wall') / total(dynamic, 'wall'):.2f}x (wall)")
     print(f"windows proposed by both (IoU > 0.9): {agreement(classic.proposals, dynamic.proposals):.1%} of "
           f"classic's found by dynamic, {agreement(dynamic.proposals, classic.proposals):.1%} the other way")
-    print("AP of an R-Net trained on each sample set: train one per pyramid (mtcnn-jobs prepare "
-          "--pyramid classic|dynamic, then train) and compare them with mtcnn-jobs evaluate.")
+    if not args.trained:
+        print("AP of the stages trained on each sample set: train a cascade per pyramid (mtcnn-jobs prepare "
+              "--pyramid classic|dynamic, then train) and pass both with --trained CLASSIC DYNAMIC.")
+        return
+    from jobs.evaluate import InProcessDetection, evaluate_wider_folder
+
+    aps = {}
+    for pyramid, weights in zip(("classic", "dynamic"), args.trained):
+        # Both evaluated with the same (dynamic) detection pyramid: only the training samples differ.
+        detect = InProcessDetection(FaceDetector(weights, min_face_size=args.min_face_size))
+        aps[pyramid] = evaluate_wider_folder(detect, args.validation, args.eval_limit).ap
+    print(f"\nWIDER AP on {args.validation}" + (f" (first {args.eval_limit} images)" if args.eval_limit else ""))
+    print(f"{'':26}{'classic':>12}{'dynamic':>12}")
+    for setting in aps["classic"]:
+        print(f"{setting:26}{aps['classic'][setting]:>12.3f}{aps['dynamic'][setting]:>12.3f}")
 
 
 if __name__ == "__main__":
