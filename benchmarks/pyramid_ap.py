@@ -67,9 +67,10 @@ def main() -> None:
             args.save_detections.mkdir(parents=True, exist_ok=True)
             with open(args.save_detections / f"{pyramid}.min{args.min_face_size:g}.jsonl", "w") as stream:
                 for name, d in zip(names, found):
-                    stream.write(json.dumps({"path": "images/" + name, "boxes": d.boxes.astype(float).round(3).tolist(),
-                                             "scores": d.scores.astype(float).round(6).tolist(),
-                                             "landmarks": d.landmarks.astype(float).round(3).tolist()}) + "\n")
+                    row = {"path": "images/" + name, "boxes": d.boxes.astype(float).round(3).tolist(),
+                           "scores": d.scores.astype(float).round(6).tolist(),
+                           "landmarks": d.landmarks.astype(float).round(3).tolist()}
+                    stream.write(json.dumps(row) + "\n")
         result = evaluate_wider({name: (d.boxes, d.scores) for name, d in zip(names, found)}, ground_truth)
         results[pyramid] = result.ap
         print(f"{pyramid:8s} AP " + "  ".join(f"{s} {result.ap[s]:.4f}" for s in SETTINGS)
