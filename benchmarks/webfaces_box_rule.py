@@ -55,7 +55,8 @@ def main() -> None:
     for name, (boxes, left_eye, right_eye, mouth) in (("train", train), ("test", test)):
         overlap = iou(box_from_points(left_eye, right_eye, mouth, WEBFACES_BOX_RULE), boxes)
         print(f"{name:5s} {len(boxes)} faces: IoU median {np.median(overlap):.3f}, 10th percentile "
-              f"{np.percentile(overlap, 10):.3f}, >= 0.7 {np.mean(overlap >= 0.7):.1%}, >= 0.5 {np.mean(overlap >= 0.5):.1%}")
+              f"{np.percentile(overlap, 10):.3f}, >= 0.7 {np.mean(overlap >= 0.7):.1%}, "
+              f">= 0.5 {np.mean(overlap >= 0.5):.1%}")
 
 
 if __name__ == "__main__":
