@@ -2,6 +2,7 @@
 
     python benchmarks/training_claims.py --shards RUN/samples/pnet       # shards from prepare
     python benchmarks/training_claims.py --limit 120                     # makes P-Net shards first
+    python benchmarks/training_claims.py --stage onet --shards RUN/samples/onet
 
 Prints, per variant, the time per epoch, samples/s, and the trained stage's loss and face/non-face
 accuracy on held-out samples (20% of the shards, never trained on). Variants run interleaved,
@@ -77,8 +78,8 @@ def held_out_scores(weights_path: str, stage: str, validation: Path) -> dict:
 
 
 def run_variant(name: str, train: Path, validation: Path, folder: Path, args, **settings) -> dict:
-    """Train P-Net once with the given settings and summarise it."""
-    config = TrainConfig(stage="pnet", data=str(train), output=str(folder / name), epochs=args.epochs,
+    """Train the stage once with the given settings and summarise it."""
+    config = TrainConfig(stage=args.stage, data=str(train), output=str(folder / name), epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.learning_rate,
                          seed=args.seed, log_every=0, **settings)
     summary = train_stage(config)
@@ -91,7 +92,7 @@ def run_variant(name: str, train: Path, validation: Path, folder: Path, args, **
         "train_loss": summary.metrics["loss"],
         "train_accuracy": summary.metrics["accuracy"],
         "run_seconds": summary.seconds,
-        **held_out_scores(summary.weights_path, "pnet", validation),
+        **held_out_scores(summary.weights_path, args.stage, validation),
     }
     row["load_average"] = os.getloadavg()[0]  # other work on the machine skews the timings
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -110,7 +111,8 @@ def best_of(rows: list[dict]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=Path, help="P-Net sample shards (default: prepare them)")
+    parser.add_argument("--shards", type=Path, help="sample shards of --stage (default: prepare P-Net's)")
+    parser.add_argument("--stage", choices=["pnet", "rnet", "onet"], default="pnet")
     parser.add_argument("--limit", type=int, default=120, help="images per list when preparing")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=384)
@@ -121,6 +123,8 @@ def main() -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.stage != "pnet" and args.shards is None:
+        parser.error(f"--stage {args.stage} needs --shards: its samples are mined with trained stages")
 
     init_ray(num_cpus=args.num_cpus)
     with tempfile.TemporaryDirectory() as scratch:

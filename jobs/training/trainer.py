@@ -186,6 +186,7 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def _train_loop(loop_config: dict) -> None:
+    """Each worker's loop: resume from the last checkpoint, then train, report and checkpoint per epoch."""
     config = TrainConfig(**loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
