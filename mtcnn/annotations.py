@@ -64,7 +64,14 @@ class ImageAnnotation:
         return len(self.boxes)
 
 
-def _resolve(root: Path, relative: str) -> str:
+def _image_root(image_root: str | os.PathLike | None, default: Path) -> Path | str:
+    """The folder images are relative to; URLs stay strings (Path would fold "s3://" to "s3:/")."""
+    if image_root is None:
+        return default
+    return str(image_root) if "://" in str(image_root) else Path(image_root)
+
+
+def _resolve(root: Path | str, relative: str) -> str:
     """The image path for a name found in an annotation file (URLs and absolute paths kept)."""
     relative = relative.replace("\\", "/")
     if "://" in relative or os.path.isabs(relative):
@@ -122,7 +129,7 @@ def _is_zero_row(line: str) -> bool:
 def read_wider(gt_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[ImageAnnotation]:
     """Faces of a WIDER FACE `*_bbx_gt.txt` file; boxes marked invalid are flagged ignore."""
     path = Path(gt_file)
-    root = Path(image_root) if image_root is not None else path.parent / "images"
+    root = _image_root(image_root, path.parent / "images")
     lines = _lines(path)
     annotations = []
     index = 0
@@ -168,7 +175,7 @@ def read_facepoint_list(list_file: str | os.PathLike,
                         image_root: str | os.PathLike | None = None) -> list[ImageAnnotation]:
     """Faces of a 5-point list: `path x1 x2 y1 y2` (note the order) then 5 (x, y) points."""
     path = Path(list_file)
-    root = Path(image_root) if image_root is not None else path.parent
+    root = _image_root(image_root, path.parent)
     entries = []
     for line_number, line in enumerate(_lines(path), start=1):
         fields = line.split()
@@ -237,7 +244,7 @@ def read_webfaces(gt_file: str | os.PathLike, image_root: str | os.PathLike | No
     Eyes and nose become landmarks; the mouth corners stay NaN, since the mouth centre is not a corner.
     """
     path = Path(gt_file)
-    root = Path(image_root) if image_root is not None else path.parent / "images"
+    root = _image_root(image_root, path.parent / "images")
     entries = []
     for line_number, line in enumerate(_lines(path), start=1):
         fields = line.split()
@@ -363,7 +370,7 @@ def read_fddb(ellipse_file: str | os.PathLike, image_root: str | os.PathLike | N
               extension: str = ".jpg") -> list[ImageAnnotation]:
     """Faces of an FDDB `*-ellipseList.txt`; each ellipse becomes its axis-aligned bounding box."""
     path = Path(ellipse_file)
-    root = Path(image_root) if image_root is not None else path.parent
+    root = _image_root(image_root, path.parent)
     lines = _lines(path)
     annotations = []
     index = 0

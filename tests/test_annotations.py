@@ -216,3 +216,10 @@ def test_table_round_trip_through_parquet_and_duckdb(tmp_path):
     sliced = from_table(to_table(images).slice(3, 4))
     assert [a.path for a in sliced] == [a.path for a in images[3:7]]
     np.testing.assert_array_equal(sliced[0].boxes, images[3].boxes)
+
+
+def test_image_roots_in_object_storage_keep_their_scheme():
+    from mtcnn.annotations import read_wider
+    gt = Path(__file__).resolve().parents[2] / "shared" / "data" / "wider_face_train_small" / "wider_face_train_bbx_gt.txt"
+    annotations = read_wider(gt, "s3://bucket/images/")
+    assert annotations[0].path.startswith("s3://bucket/images/0--Parade/")
