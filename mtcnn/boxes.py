@@ -41,13 +41,21 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
 
 def _opencv_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                 threshold: float) -> torch.Tensor:
-    """Greedy IoU NMS on the CPU through OpenCV's C++ loop; indices by descending score."""
+    """Greedy IoU NMS on the CPU through OpenCV's C++ loop, one call per group."""
     corners = boxes.double().numpy()
     xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
     # OpenCV drops scores not above its score threshold (which must be >= 0): shift them all up.
-    keep = cv2.dnn.NMSBoxesBatched(xywh, (scores.double().numpy() + 1.0).astype(np.float32),
-                                   groups.numpy().astype(np.int32), 0.0, float(threshold))
-    return torch.from_numpy(np.asarray(keep, dtype=np.int64).reshape(-1))
+    shifted = (scores.double().numpy() + 1.0).astype(np.float32)
+    group_ids = groups.numpy()
+    order = np.argsort(group_ids, kind="stable")
+    bounds = np.flatnonzero(np.diff(group_ids[order])) + 1
+    kept = []
+    # Per group rather than cv2's batched call: that one offsets the groups into one big NMS
+    # whose cost grows with the square of all boxes of all images.
+    for members in np.split(order, bounds):
+        keep = cv2.dnn.NMSBoxes(xywh[members], shifted[members], 0.0, float(threshold))
+        kept.append(members[np.asarray(keep, dtype=np.int64).reshape(-1)])
+    return torch.from_numpy(np.concatenate(kept))
 
 
 def masked_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
