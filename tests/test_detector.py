@@ -154,3 +154,23 @@ def test_accelerator_code_path_agrees_with_the_cpu_path(monkeypatch, astronaut):
 def test_cuda_matches_cpu(astronaut, reference):
     found = FaceDetector(device="cuda", pyramid="classic").detect([astronaut])[0]
     assert_matches(found, reference["boxes"], reference["scores"], reference["landmarks"])
+
+
+def test_cross_level_nms_is_skipped_only_when_it_cannot_remove_anything():
+    from mtcnn.detector import _levels_may_overlap
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 11, 11], [0, 0, 12, 12], [50, 50, 80, 80]])
+    one_image = torch.zeros(4, dtype=torch.long)
+    # Areas 100 and 121: IoU can reach 0.83 > 0.7, so the NMS must run.
+    assert _levels_may_overlap(boxes[:2], torch.tensor([0, 1]), one_image[:2], 0.5, 0.7)
+    # Areas 100 and 144: IoU is at most 0.69, and 900 is further still.
+    assert not _levels_may_overlap(boxes[[0, 2, 3]], torch.tensor([0, 1, 2]), one_image[:3], 0.5, 0.7)
+    # Levels of different images never suppress each other.
+    assert not _levels_may_overlap(boxes[:2], torch.tensor([0, 1 << 16]), torch.tensor([0, 1]), 0.5, 0.7)
+    # A same-level threshold above the cross-level one leaves nothing to prove.
+    assert _levels_may_overlap(boxes[[0, 3]], torch.tensor([0, 1]), one_image[:2], 0.8, 0.7)
+
+
+def test_fine_pyramids_still_merge_levels(astronaut):
+    # With a factor close to 1, adjacent levels' windows overlap and the cross-level NMS runs.
+    found = FaceDetector(scale_factor=0.9, pyramid="classic").detect([astronaut])[0]
+    assert len(found) == 1
