@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from jobs.detector_args import add_detector_arguments, detector_config
 from mtcnn import DetectorConfig, FaceDetector, load_weights
 from mtcnn.weights import CascadeWeights
 
@@ -397,27 +398,13 @@ def _difference(before: dict, now: dict) -> str:
 
 # -- command line ---------------------------------------------------------------------------
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of mtcnn-jobs annotate."""
-    defaults = DetectorConfig()
     parser.add_argument("input", metavar="INPUT",
                         help="folder, object-store prefix (s3://bucket/prefix) or manifest "
                              "(.txt, one path a line; .parquet with a 'path' column)")
     parser.add_argument("output", metavar="OUTPUT", help="folder or object-store prefix for the Parquet files")
-    parser.add_argument("--weights", default="reference",
-                        help="'reference', a weights file, or a training run folder")
-    parser.add_argument("--min-face-size", type=float, default=defaults.min_face_size)
-    parser.add_argument("--thresholds", type=_floats, default=defaults.thresholds,
-                        help="P-, R-, O-Net score thresholds, e.g. 0.6,0.7,0.7")
-    parser.add_argument("--scale-factor", type=float, default=defaults.scale_factor)
-    parser.add_argument("--pyramid", choices=["dynamic", "classic"], default=defaults.pyramid)
+    add_detector_arguments(parser)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
     parser.add_argument("--num-gpus", type=float, default=0.0,
                         help="GPUs per detector actor, fractions allowed (default 0: CPU)")
@@ -438,8 +425,7 @@ def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs annotate from parsed arguments; exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        detector = DetectorConfig(min_face_size=args.min_face_size, thresholds=args.thresholds,
-                                  scale_factor=args.scale_factor, pyramid=args.pyramid)
+        detector = detector_config(args)
         config = AnnotateConfig(
             input=args.input, output=args.output, weights=args.weights, detector=detector,
             address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
@@ -455,4 +441,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["AnnotateConfig", "AnnotateSummary", "FaceAnnotator", "annotate", "decode_batch",
-           "read_image", "replace"]
+           "read_image"]

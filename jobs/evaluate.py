@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from jobs.detector_args import add_detector_arguments, detector_config
 from mtcnn import Detections, DetectorConfig, FaceDetector, load_weights
 from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
@@ -237,27 +238,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three numbers like 0.6,0.7,0.7, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of mtcnn-jobs evaluate."""
-    defaults = DetectorConfig()
     parser.add_argument("--wider", metavar="DIR",
                         help="WIDER-format folder: *_bbx_gt.txt, images/, easy.txt, medium.txt, hard.txt")
     parser.add_argument("--landmarks", metavar="LIST_FILE",
                         help="5-point list (path x1 x2 y1 y2 and 5 points a line) for landmark error")
-    parser.add_argument("--weights", default="reference",
-                        help="'reference', a weights file, or a training run folder")
-    parser.add_argument("--min-face-size", type=float, default=defaults.min_face_size)
-    parser.add_argument("--thresholds", type=_floats, default=defaults.thresholds,
-                        help="P-, R-, O-Net score thresholds, e.g. 0.6,0.7,0.7")
-    parser.add_argument("--scale-factor", type=float, default=defaults.scale_factor)
-    parser.add_argument("--pyramid", choices=["dynamic", "classic"], default=defaults.pyramid)
+    add_detector_arguments(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and pr_curves.png")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each set only")
@@ -273,8 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs evaluate from parsed arguments; exit status."""
     try:
-        detector = DetectorConfig(min_face_size=args.min_face_size, thresholds=args.thresholds,
-                                  scale_factor=args.scale_factor, pyramid=args.pyramid)
+        detector = detector_config(args)
         metrics = evaluate(EvaluateConfig(
             wider=args.wider, landmarks=args.landmarks, weights=args.weights, detector=detector,
             device=args.device, output=args.output, limit=args.limit, batch_size=args.batch_size,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # Overlaps are computed a block of rows at a time so memory stays bounded however many boxes.
 _NMS_BLOCK = 1024
