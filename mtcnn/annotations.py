@@ -126,12 +126,9 @@ def _is_zero_row(line: str) -> bool:
         return False
 
 
-def read_wider(gt_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[ImageAnnotation]:
-    """Faces of a WIDER FACE `*_bbx_gt.txt` file; boxes marked invalid are flagged ignore."""
-    path = Path(gt_file)
-    root = _image_root(image_root, path.parent / "images")
-    lines = _lines(path)
-    annotations = []
+def _counted_records(path: Path, lines: list[str], field_count: int, field_names: str, what: str,
+                     zero_row: bool = False):
+    """(name, [(line number, numbers), ...]) of each "name / count / count rows" record."""
     index = 0
     while index < len(lines):
         name = lines[index].strip()
@@ -152,15 +149,25 @@ def read_wider(gt_file: str | os.PathLike, image_root: str | os.PathLike | None 
                                       f"the file ends after {len(rows)}")
             fields = lines[index].split()
             index += 1
-            if len(fields) != 10:
-                raise AnnotationError(path, index, f"expected 10 fields 'x y w h blur expression illumination "
-                                      f"invalid occlusion pose' (face {len(rows) + 1} of {count} of {name!r}), "
-                                      f"got {len(fields)}")
-            rows.append(_numbers(path, index, fields, "a face row"))
-        # The original files follow a count of 0 with one all-zero row; skip it.
-        if count == 0 and index < len(lines):
-            if _is_zero_row(lines[index]):
-                index += 1
+            if len(fields) != field_count:
+                raise AnnotationError(path, index, f"expected {field_count} fields '{field_names}' "
+                                      f"(face {len(rows) + 1} of {count} of {name!r}), got {len(fields)}")
+            rows.append((index, _numbers(path, index, fields, what)))
+        # WIDER's files follow a count of 0 with one all-zero row; skip it.
+        if zero_row and count == 0 and index < len(lines) and _is_zero_row(lines[index]):
+            index += 1
+        yield name, rows
+
+
+def read_wider(gt_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[ImageAnnotation]:
+    """Faces of a WIDER FACE `*_bbx_gt.txt` file; boxes marked invalid are flagged ignore."""
+    path = Path(gt_file)
+    root = _image_root(image_root, path.parent / "images")
+    lines = _lines(path)
+    annotations = []
+    for name, rows in _counted_records(path, lines, 10, "x y w h blur expression illumination "
+                                       "invalid occlusion pose", "a face row", zero_row=True):
+        rows = [values for _, values in rows]
         values = np.array(rows, np.float32).reshape(-1, 10)
         boxes = np.concatenate([values[:, :2], values[:, :2] + values[:, 2:4]], axis=1)
         annotations.append(ImageAnnotation(_resolve(root, name), boxes, ignore=values[:, 7] == 1))
@@ -373,28 +380,10 @@ def read_fddb(ellipse_file: str | os.PathLike, image_root: str | os.PathLike | N
     root = _image_root(image_root, path.parent)
     lines = _lines(path)
     annotations = []
-    index = 0
-    while index < len(lines):
-        name = lines[index].strip()
-        index += 1
-        if not name:
-            continue
-        if index >= len(lines) or not lines[index].strip().isdigit():
-            got = lines[index].strip() if index < len(lines) else "the end of the file"
-            raise AnnotationError(path, index + 1, f"expected the number of faces of {name!r}, got {got!r}")
-        count = int(lines[index].strip())
-        index += 1
+    for name, rows in _counted_records(path, lines, 6, "major_axis_radius minor_axis_radius "
+                                       "angle center_x center_y 1", "an ellipse"):
         boxes = []
-        for _ in range(count):
-            if index >= len(lines):
-                raise AnnotationError(path, index, f"image {name!r} announces {count} faces, "
-                                      f"the file ends after {len(boxes)}")
-            fields = lines[index].split()
-            index += 1
-            if len(fields) != 6:
-                raise AnnotationError(path, index, "expected 6 fields 'major_axis_radius minor_axis_radius "
-                                      f"angle center_x center_y 1', got {len(fields)}")
-            major, minor, angle, centre_x, centre_y, _ = _numbers(path, index, fields, "an ellipse")
+        for index, (major, minor, angle, centre_x, centre_y, _) in rows:
             if major < 0 or minor < 0:
                 raise AnnotationError(path, index, f"ellipse radii must not be negative, got {major:g}, {minor:g}")
             # Half extents of a rotated ellipse along x and y.
