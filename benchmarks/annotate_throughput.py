@@ -1,11 +1,12 @@
 """Wall-clock images/s of the whole annotate job against the in-process FaceDetector on the same images.
 
-    python benchmarks/annotate_throughput.py [--images DIR] [--limit N] [--threads 2]
+    python benchmarks/annotate_throughput.py [--images DIR [DIR ...]] [--limit N] [--threads 2]
         [--layouts 2x1,1x2] [--num-gpus G]
 
 The job runs as the user runs it (`mtcnn-jobs annotate`, a fresh process with an embedded Ray), so
 Python start-up, Ray start-up and writing Parquet are all counted. The in-process baseline reads,
-decodes and detects the same images (one per call on CPU, its fastest use) with `--threads` torch threads.
+decodes and detects the same images in batches of `--batch-size` (on CPU the detector spreads a
+batch's images over its `--threads` torch threads, its fastest use).
 Layouts AxT: A detector actors with T CPUs (torch threads) each. Goal: job / in-process >= 0.85.
 """
 
@@ -35,10 +36,8 @@ def in_process_rate(paths: list[Path], threads: int, batch_size: int, device: st
     detector.detect([decode_image(paths[0].read_bytes())])  # warm-up: allocator, kernels
     started = time.perf_counter()
     faces = 0
-    # On CPU one image per call is the detector's fastest use, so the baseline uses it too.
-    step = batch_size if device != "cpu" else 1
-    for start in range(0, len(paths), step):
-        images = [decode_image(p.read_bytes()) for p in paths[start:start + step]]
+    for start in range(0, len(paths), batch_size):
+        images = [decode_image(p.read_bytes()) for p in paths[start:start + batch_size]]
         faces += sum(len(d) for d in detector.detect(images))
     seconds = time.perf_counter() - started
     print(f"in-process: {len(paths)} images, {faces} faces, {seconds:.1f} s, "
@@ -66,7 +65,8 @@ def job_rate(manifest: Path, count: int, extra: list[str], label: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--images", type=Path, nargs="+", default=[DEFAULT_IMAGES],
+                        help="folders of images (default: the WIDER validation subset)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process baseline")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -76,11 +76,12 @@ def main() -> None:
                         help="measure the in-process rate only before the jobs, not after too")
     args = parser.parse_args()
 
-    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    paths = sorted(p.resolve() for folder in args.images for p in folder.rglob("*")
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     paths = paths[:args.limit] if args.limit else paths
     if not paths:
-        raise SystemExit(f"no images under {args.images}")
-    print(f"{len(paths)} images from {args.images}; {os.cpu_count()} CPUs; "
+        raise SystemExit(f"no images under {', '.join(map(str, args.images))}")
+    print(f"{len(paths)} images from {', '.join(map(str, args.images))}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         manifest = Path(folder) / "images.txt"

@@ -7,7 +7,10 @@ script prints the speed ratio and whether the classic pyramid's detections match
 faces: IoU >= 0.9, score within 0.01, landmarks within 2 px). Also times pyramid construction alone
 and where the detector's time goes.
 
-    python benchmarks/detector_speed.py [--frames 16] [--threads 2] [--device cpu] [--batch-size 1]
+    python benchmarks/detector_speed.py [--frames 16] [--threads 2] [--device cpu] [--batch-sizes 1,8]
+
+Each side runs one frame per call and frames in batches (the project spreads a batch's frames over
+its threads on CPU; facenet-pytorch stacks same-size frames); ratios use each side's best.
 """
 
 from __future__ import annotations
@@ -94,15 +97,15 @@ def breakdown(detector: FaceDetector, frames: list[np.ndarray]) -> dict[str, flo
     return parts
 
 
-def run_reference(python: str, frames: list[np.ndarray], threads: int) -> dict | None:
+def run_reference(python: str, frames: list[np.ndarray], threads: int, batch_size: int) -> dict | None:
     """facenet-pytorch's images/s and detections on the same frames, or None if unavailable."""
     if not python or not Path(python).exists():
         return None
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "frames.npy"
         np.save(path, np.stack(frames))
-        done = subprocess.run([python, str(REFERENCE_SCRIPT), str(path), "--threads", str(threads)],
-                              capture_output=True, text=True)
+        done = subprocess.run([python, str(REFERENCE_SCRIPT), str(path), "--threads", str(threads),
+                               "--batch-size", str(batch_size)], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  reference failed: {done.stderr.strip().splitlines()[-1:]}")
         return None
@@ -114,36 +117,49 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-sizes", default="1,8", help="frames per detect call, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--resolutions", default="1920x1080,1280x720,960x540")
     parser.add_argument("--reference-python", default="/opt/refvenv/bin/python")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
-          f"batch {args.batch_size}, {args.frames} frames per resolution")
+          f"batches of {batch_sizes}, {args.frames} frames per resolution")
     for resolution in args.resolutions.split(","):
         width, height = (int(v) for v in resolution.split("x"))
         frames = load_frames(args.frames, width, height)
         print(f"\n{width}x{height}")
-        ours = {}
-        for pyramid in ("dynamic", "classic"):
-            detector = FaceDetector(device=args.device, pyramid=pyramid)
-            ours[pyramid] = images_per_second(detector, frames, args.batch_size, args.repeats)
-            print(f"  mtcnn {pyramid:8s} {ours[pyramid][0]:7.2f} images/s")
-        reference = None if args.device != "cpu" else run_reference(
-            args.reference_python, frames, args.threads)
-        if reference:
-            rate = reference["images_per_second"]
-            print(f"  facenet-pytorch  {rate:7.2f} images/s")
-            for pyramid, (speed, _) in ours.items():
-                print(f"  ratio {pyramid} / reference: {speed / rate:.2f}x")
-            total = reproduced = 0
-            for found, expected in zip(ours["classic"][1], reference["detections"]):
-                count, ok, _ = match_faces(expected, found)
-                total, reproduced = total + count, reproduced + ok
-            print(f"  classic detections vs reference: {reproduced}/{total} faces (score >= 0.9) "
-                  "reproduced")
+        ours: dict[str, tuple[float, list]] = {}
+        theirs: dict[int, dict] = {}
+        for batch_size in batch_sizes:
+            for pyramid in ("dynamic", "classic"):
+                detector = FaceDetector(device=args.device, pyramid=pyramid)
+                ours[f"{pyramid}, batch {batch_size}"] = images_per_second(
+                    detector, frames, batch_size, args.repeats)
+                print(f"  mtcnn {pyramid:8s} batch {batch_size:2d}  "
+                      f"{ours[f'{pyramid}, batch {batch_size}'][0]:7.2f} images/s", flush=True)
+            reference = None if args.device != "cpu" else run_reference(
+                args.reference_python, frames, args.threads, batch_size)
+            if reference:
+                theirs[batch_size] = reference
+                print(f"  facenet-pytorch  batch {batch_size:2d}  {reference['images_per_second']:7.2f} images/s",
+                      flush=True)
+        if theirs:
+            best_batch = max(theirs, key=lambda b: theirs[b]["images_per_second"])
+            rate = theirs[best_batch]["images_per_second"]
+            for pyramid in ("dynamic", "classic"):
+                label = max((k for k in ours if k.startswith(pyramid)), key=lambda k: ours[k][0])
+                print(f"  ratio {pyramid} (best: {label}) / reference (best: batch {best_batch}): "
+                      f"{ours[label][0] / rate:.2f}x")
+            expected_faces = theirs[min(theirs)]["detections"]
+            for batch_size in batch_sizes:
+                total = reproduced = 0
+                for found, expected in zip(ours[f"classic, batch {batch_size}"][1], expected_faces):
+                    count, ok, _ = match_faces(expected, found)
+                    total, reproduced = total + count, reproduced + ok
+                print(f"  classic batch {batch_size} detections vs reference: {reproduced}/{total} faces "
+                      "(score >= 0.9) reproduced")
         if args.device == "cpu":
             pyramids = time_pyramids(frames[0])
             print("  pyramid alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pyramids.items()))

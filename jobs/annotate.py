@@ -185,14 +185,12 @@ class FaceAnnotator:
         return annotation_table(paths, sizes, detections, errors)
 
     def _detect(self, images, errors, where):
-        """Detections per image: one call per image on CPU, or when a batch fails (one cannot sink all)."""
-        # On CPU one image per call measured ~1.7x faster than a call with 16 images of mixed sizes
-        # (benchmarks/annotate_throughput.py); a GPU gains from the batch.
-        if self.detector.device.type != "cpu":
-            try:
-                return self.detector.detect(images)
-            except Exception:  # noqa: BLE001 - narrowed to the culprit below
-                pass
+        """Detections per image: one call for the batch, one per image if it fails (one cannot sink all)."""
+        # On CPU the detector itself takes the images one at a time over the actor's threads.
+        try:
+            return self.detector.detect(images)
+        except Exception:  # noqa: BLE001 - narrowed to the culprit below
+            pass
         results = []
         for image, index in zip(images, where):
             try:

@@ -209,3 +209,30 @@ def test_decoding_in_separate_tasks_gives_the_same_rows(first_run, images, tmp_p
     assert {row[0]: row for row in rows(str(tmp_path / "out"))} == expected
     with pytest.raises(ValueError, match="has none"):
         annotate(AnnotateConfig(str(manifest), str(tmp_path / "gpu"), num_gpus=1, show_progress=False))
+
+
+def test_a_detection_failure_marks_only_its_own_row(tmp_path):
+    """When the batch call fails, each image is retried alone and only the culprit gets an error."""
+    from jobs.annotate import FaceAnnotator
+
+    astronaut = cv2.imread(str(DATA / "astronaut.png"))
+    paths = []
+    for name, image in {"a.png": astronaut, "odd.png": astronaut[:300, :301], "c.png": astronaut[::2, ::2]}.items():
+        cv2.imwrite(str(tmp_path / name), image)
+        paths.append(str(tmp_path / name))
+    annotator = FaceAnnotator(load_weights("reference"), DetectorConfig(), use_gpu=False, threads=2,
+                              storage_options={}, max_pixels=MAX_PIXELS)
+    detect = annotator.detector.detect
+
+    def fails_on_odd_widths(images):
+        if any(image.shape[1] % 2 for image in images):
+            raise MemoryError("out of memory on this one")
+        return detect(images)
+
+    annotator.detector.detect = fails_on_odd_widths
+    rows = annotator(pa.table({"path": paths})).to_pylist()
+    assert [row["path"] for row in rows] == paths
+    assert rows[1]["error"] == "detection failed: MemoryError: out of memory on this one"
+    assert rows[1]["faces"] is None
+    assert rows[0]["error"] is None and len(rows[0]["faces"]) == 1
+    assert rows[2]["error"] is None and len(rows[2]["faces"]) == 1

@@ -65,17 +65,41 @@ def test_landmarks_follow_the_image_left_convention(detector, astronaut):
     assert np.abs(mirrored_box - found[0].boxes[0, [0, 2]]).max() < 4.0
 
 
-def test_batches_of_mixed_sizes_give_the_same_results_as_single_images(detector, astronaut):
+@pytest.mark.parametrize("concurrent_images", [True, False])
+def test_batches_of_mixed_sizes_give_the_same_results_as_single_images(detector, astronaut, concurrent_images):
     small = cv2.resize(astronaut, (300, 260), interpolation=cv2.INTER_AREA)
     padded = cv2.copyMakeBorder(astronaut, 40, 0, 90, 0, cv2.BORDER_CONSTANT, value=(20, 60, 90))
     images = [astronaut, small, padded, astronaut]
-    batch = detector.detect(images)
+    batch = FaceDetector(pyramid="classic", concurrent_images=concurrent_images).detect(images)
     for image, result in zip(images, batch):
         single = detector.detect([image])[0]
         assert np.allclose(result.boxes, single.boxes, atol=1e-3)
         assert np.allclose(result.scores, single.scores, atol=1e-5)
     # Padding moves the pyramid's sampling grid, so the box moves by the padding, give or take.
     assert np.allclose(batch[2].boxes[0], batch[0].boxes[0] + [90, 40, 90, 40], atol=4.0)
+
+
+def test_concurrent_calls_restore_the_thread_count(astronaut):
+    """Images of a call run on threads with single-threaded ops; the count comes back after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        detector = FaceDetector(pyramid="classic")
+        images = [astronaut, astronaut[:300], astronaut[::2, ::2]]
+        expected = [len(found) for found in detector.detect(images)]
+        assert torch.get_num_threads() == 2
+        # Two callers at once overlap their single-threaded spans; the last one out restores.
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(detector.detect, [images, images[::-1]]))
+        assert [len(found) for found in results[0]] == expected
+        assert [len(found) for found in results[1]] == expected[::-1]
+        assert torch.get_num_threads() == 2
+        proposals = detector.propose(images, up_to="rnet")
+        assert len(proposals) == 3 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bounded_stage_batches_do_not_change_results(astronaut):
