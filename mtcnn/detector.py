@@ -175,7 +175,12 @@ class FaceDetector:
         self._nets = {}
         for name, stage in self.weights.stages.items():
             net = ProposalNet(stage) if name == "pnet" else WindowNet(stage)
-            self._nets[name] = net.to(self.device, memory_format=memory_format).eval()
+            net = net.to(self.device, memory_format=memory_format).eval()
+            # Prepacked oneDNN weights pay off for the many small window batches, not for P-Net's
+            # few large levels (measured slower there).
+            if self._host_kernels and name != "pnet" and torch.backends.mkldnn.is_available():
+                net.prepack_for_cpu()
+            self._nets[name] = net
 
     def detect(self, images) -> list[Detections]:
         """Detect faces in a list of H x W x 3 uint8 RGB images (any sizes, one result each)."""

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from mtcnn.inference import ProposalNet, WindowNet
@@ -32,3 +31,34 @@ def test_window_net_keeps_a_landmark_head_it_was_given():
     with torch.inference_mode():
         _, _, landmarks = WindowNet(stage)(torch.zeros(3, 3, 24, 24))
     assert landmarks.shape == (3, 10)
+
+
+def test_prepacked_window_nets_give_the_same_outputs():
+    stages = load_weights("reference").stages
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        for name in ("rnet", "onet"):
+            size = INPUT_SIZE[name]
+            pixels = torch.randint(0, 256, (5, 3, size, size)).float().contiguous(
+                memory_format=torch.channels_last)
+            eager = WindowNet(stages[name]).eval()
+            packed = WindowNet(stages[name]).eval().prepack_for_cpu()
+            for got, want in zip(packed(pixels), eager(pixels)):
+                if want is None:
+                    assert got is None
+                else:
+                    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_prepacking_falls_back_to_the_eager_body(monkeypatch):
+    from torch.utils import mkldnn
+
+    def unavailable(module):
+        raise RuntimeError("oneDNN is not built into this torch")
+
+    monkeypatch.setattr(mkldnn, "to_mkldnn", unavailable)
+    stage = load_weights("reference").stages["rnet"]
+    net = WindowNet(stage).eval().prepack_for_cpu()
+    with torch.inference_mode():
+        probability, _, _ = net(torch.zeros(2, 3, 24, 24))
+    assert probability.shape == (2,) and not net._onednn_body
