@@ -10,7 +10,10 @@ each sample set (prepare --pyramid classic|dynamic, train, evaluate); --weights 
 to mine with (a trained one from the recipe, or the reference).
 
     python benchmarks/mining_pyramid.py [--weights reference] [--limit 100] [--threads 2]
-        [--trained CLASSIC_CASCADE DYNAMIC_CASCADE [--eval-limit N]]
+        [--trained CLASSIC_CASCADE DYNAMIC_CASCADE [--onet WEIGHTS] [--eval-limit N]]
+
+--trained may name R-Net runs (P-Net + R-Net) with --onet giving one O-Net for both cascades, so
+that only the R-Net, trained on samples mined with each pyramid, differs.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def main() -> None:
     parser.add_argument("--trained", nargs=2, metavar=("CLASSIC", "DYNAMIC"),
                         help="full cascades whose later stages trained on samples mined with each pyramid: "
                              "their WIDER AP is printed side by side")
+    parser.add_argument("--onet", default=None,
+                        help="weights whose O-Net completes both --trained cascades (e.g. the recipe's run)")
     parser.add_argument("--validation", default=str(VALIDATION), help="WIDER-format folder for --trained")
     parser.add_argument("--eval-limit", type=int, default=None, help="first N validation images only")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -157,11 +162,15 @@ def main() -> None:
               "--pyramid classic|dynamic, then train) and pass both with --trained CLASSIC DYNAMIC.")
         return
     from jobs.evaluate import InProcessDetection, evaluate_wider_folder
+    from mtcnn.weights import load_weights
 
     aps = {}
     for pyramid, weights in zip(("classic", "dynamic"), args.trained):
+        cascade = load_weights(weights)
+        if args.onet:
+            cascade.stages["onet"] = load_weights(args.onet).stages["onet"]
         # Both evaluated with the same (dynamic) detection pyramid: only the training samples differ.
-        detect = InProcessDetection(FaceDetector(weights, min_face_size=args.min_face_size))
+        detect = InProcessDetection(FaceDetector(cascade, min_face_size=args.min_face_size))
         aps[pyramid] = evaluate_wider_folder(detect, args.validation, args.eval_limit).ap
     print(f"\nWIDER AP on {args.validation}" + (f" (first {args.eval_limit} images)" if args.eval_limit else ""))
     print(f"{'':26}{'classic':>12}{'dynamic':>12}")
