@@ -8,8 +8,13 @@ import os
 import ray
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start an embedded local Ray (no address) or connect to a cluster; no-op if connected."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Start an embedded local Ray (no address) or connect to a cluster; no-op if connected.
+
+    The local instance runs without the dashboard (its start-up and background CPU matter on small
+    machines) unless `dashboard`: Ray Train needs it, as its placement-group cleaner polls the
+    State API that the dashboard serves, and warns every few seconds without it.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -17,4 +22,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # None starts the dashboard where its dependencies are installed (ray[default]).
+        ray.init(num_cpus=num_cpus, include_dashboard=None if dashboard else False, **kwargs)

@@ -51,7 +51,7 @@ def _run_recipe(args: argparse.Namespace) -> int:
     from .training.recipe import load_recipe, run_recipe
 
     config = load_recipe(args.config)
-    init_ray(args.address, num_cpus=args.num_cpus)
+    init_ray(args.address, num_cpus=args.num_cpus, dashboard=True)
     summary = run_recipe(config, args.output)
     print(f"recipe finished in {summary.seconds / 60:.1f} min: {summary.weights_path}")
     for stage, record in summary.stages.items():
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             run_name=args.run_name, max_failures=args.max_failures,
             previous_weights=args.previous_weights,
             storage_options=parse_storage_options(args.storage_options))
-        init_ray(args.address, num_cpus=args.num_cpus)
+        init_ray(args.address, num_cpus=args.num_cpus, dashboard=True)
         summary = train_stage(config)
     except ValueError as error:  # includes WeightsError and PrepareError
         print(f"train: {error}", file=sys.stderr)

@@ -331,7 +331,7 @@ def train_stage(config: TrainConfig) -> TrainSummary:
     started = time.perf_counter()
     previous = load_weights(config.previous_weights) if config.previous_weights else None
     _check_shards(config)
-    init_ray()
+    init_ray(dashboard=True)
     if config.cpus_per_worker is None:
         config = replace(config, cpus_per_worker=_default_cpus_per_worker(config.num_workers))
     dataset, samples = load_samples(config)
