@@ -357,6 +357,8 @@ def _build_dataset(pending: list[str], config: AnnotateConfig, weights: CascadeW
     table = pa.table({"path": pa.array(pending, pa.string())})
     # Blocks of one batch each spread the work evenly over the actors from the start.
     blocks = max(1, math.ceil(len(pending) / config.batch_size))
+    # An actor beyond one per block would never get work, only cost a process start.
+    actors = min(actors, blocks)
     dataset = ray.data.from_arrow([table.slice(i * config.batch_size, config.batch_size)
                                    for i in range(blocks)])
     if separate_decode:
