@@ -135,10 +135,9 @@ def main() -> int:
         for batch_size in batch_sizes:
             for pyramid in ("dynamic", "classic"):
                 detector = FaceDetector(device=args.device, pyramid=pyramid)
-                ours[f"{pyramid}, batch {batch_size}"] = images_per_second(
-                    detector, frames, batch_size, args.repeats)
-                print(f"  mtcnn {pyramid:8s} batch {batch_size:2d}  "
-                      f"{ours[f'{pyramid}, batch {batch_size}'][0]:7.2f} images/s", flush=True)
+                label = f"{pyramid}, batch {batch_size}"
+                ours[label] = images_per_second(detector, frames, batch_size, args.repeats)
+                print(f"  mtcnn {pyramid:8s} batch {batch_size:2d}  {ours[label][0]:7.2f} images/s", flush=True)
             reference = None if args.device != "cpu" else run_reference(
                 args.reference_python, frames, args.threads, batch_size)
             if reference:

@@ -94,7 +94,7 @@ class WindowNet(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Face probability (N,), box offsets (N, 4) and landmarks (N, 10) or None."""
         if self._onednn_body:
-            features = self.body(pixels.float().to_mkldnn()).to_dense()
+            features = self.body(pixels.to_mkldnn()).to_dense()
         else:
             features = self.body(pixels)
         out = torch.addmm(self.head_bias, self.dense(features), self.head_weight)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from jobs.annotate import AnnotateConfig, OutputError, annotate
 from jobs.cli import main
@@ -220,17 +221,21 @@ def test_a_detection_failure_marks_only_its_own_row(tmp_path):
     for name, image in {"a.png": astronaut, "odd.png": astronaut[:300, :301], "c.png": astronaut[::2, ::2]}.items():
         cv2.imwrite(str(tmp_path / name), image)
         paths.append(str(tmp_path / name))
-    annotator = FaceAnnotator(load_weights("reference"), DetectorConfig(), use_gpu=False, threads=2,
-                              storage_options={}, max_pixels=MAX_PIXELS)
-    detect = annotator.detector.detect
+    threads = torch.get_num_threads()
+    try:  # the actor sets torch's (process-wide) thread count; give it back to the other tests
+        annotator = FaceAnnotator(load_weights("reference"), DetectorConfig(), use_gpu=False, threads=2,
+                                  storage_options={}, max_pixels=MAX_PIXELS)
+        detect = annotator.detector.detect
 
-    def fails_on_odd_widths(images):
-        if any(image.shape[1] % 2 for image in images):
-            raise MemoryError("out of memory on this one")
-        return detect(images)
+        def fails_on_odd_widths(images):
+            if any(image.shape[1] % 2 for image in images):
+                raise MemoryError("out of memory on this one")
+            return detect(images)
 
-    annotator.detector.detect = fails_on_odd_widths
-    rows = annotator(pa.table({"path": paths})).to_pylist()
+        annotator.detector.detect = fails_on_odd_widths
+        rows = annotator(pa.table({"path": paths})).to_pylist()
+    finally:
+        torch.set_num_threads(threads)
     assert [row["path"] for row in rows] == paths
     assert rows[1]["error"] == "detection failed: MemoryError: out of memory on this one"
     assert rows[1]["faces"] is None
