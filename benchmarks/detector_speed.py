@@ -7,7 +7,7 @@ script prints the speed ratio and whether the classic pyramid's detections match
 faces: IoU >= 0.9, score within 0.01, landmarks within 2 px). Also times pyramid construction alone
 and where the detector's time goes.
 
-    python benchmarks/detector_speed.py [--frames 16] [--threads 2] [--device cpu] [--batch-sizes 1,8]
+    python benchmarks/detector_speed.py [--frames 16] [--threads 2] [--device cpu] [--batch-sizes 1,8,16] [--images DIR]
 
 Each side runs one frame per call and frames in batches (the project spreads a batch's frames over
 its threads on CPU; facenet-pytorch stacks same-size frames); ratios use each side's best.
@@ -40,9 +40,10 @@ RESOLUTIONS = [(1920, 1080), (1280, 720), (960, 540)]
 REFERENCE_SCRIPT = Path(__file__).parent / "reference" / "facenet_speed.py"
 
 
-def load_frames(count: int, width: int, height: int) -> list[np.ndarray]:
-    """count real photos, RGB, resized to width x height."""
-    files = sorted(DATA.glob("*/*.jpg"))[:: max(1, len(sorted(DATA.glob("*/*.jpg"))) // count)][:count]
+def load_frames(count: int, width: int, height: int, folder: Path = DATA) -> list[np.ndarray]:
+    """count real photos from a folder (spread over it), RGB, resized to width x height."""
+    everything = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = everything[:: max(1, len(everything) // count)][:count]
     frames = []
     for file in files:
         image = cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB)
@@ -117,18 +118,20 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-sizes", default="1,8", help="frames per detect call, comma-separated")
+    parser.add_argument("--batch-sizes", default="1,8,16", help="frames per detect call, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--resolutions", default="1920x1080,1280x720,960x540")
+    parser.add_argument("--images", type=Path, default=DATA,
+                        help="folder of photos to resize into frames (default: WIDER val, crowded scenes)")
     parser.add_argument("--reference-python", default="/opt/refvenv/bin/python")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
-          f"batches of {batch_sizes}, {args.frames} frames per resolution")
+          f"batches of {batch_sizes}, {args.frames} frames per resolution from {args.images}")
     for resolution in args.resolutions.split(","):
         width, height = (int(v) for v in resolution.split("x"))
-        frames = load_frames(args.frames, width, height)
+        frames = load_frames(args.frames, width, height, args.images)
         print(f"\n{width}x{height}")
         ours: dict[str, tuple[float, list]] = {}
         theirs: dict[int, dict] = {}

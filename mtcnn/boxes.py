@@ -130,9 +130,25 @@ def _area_bins(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[to
     return begin, end
 
 
-def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int) -> torch.Tensor:
-    """Area-resize pixel-edge regions of an image, given its summed-area table, to (N, C, size, size)."""
+def _pixel_reader(table: torch.Tensor):
+    """A function returning the table's pixels (rows of its last dimension) at flat indices."""
     channels = table.shape[2]
+    flat = table.reshape(-1, channels)
+    if table.device.type == "cpu" and table.dtype == torch.int32 and channels == 4:
+        # Four int32 sums are 16 bytes: read each pixel as one complex128 element. torch gathers
+        # single elements about twice as fast as it gathers short rows.
+        packed = flat.view(torch.complex128).reshape(-1)
+        return lambda index: packed.index_select(0, index).view(torch.int32).reshape(-1, channels)
+    return lambda index: flat.index_select(0, index)
+
+
+def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int,
+                channels: int | None = None) -> torch.Tensor:
+    """Area-resize pixel-edge regions of an image, given its summed-area table, to (N, C, size, size).
+
+    C is the table's channel count, or its first `channels` (a table may carry a padding lane).
+    """
+    channels = channels or table.shape[2]
     if len(regions) == 0:
         return torch.zeros((0, channels, size, size), device=table.device)
     # Each output pixel is the mean of its bin: the same bins as adaptive average pooling
@@ -140,16 +156,13 @@ def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int) -> torch.
     whole = regions.long()
     rows0, rows1 = _area_bins(whole[:, 1], (whole[:, 3] - whole[:, 1]).clamp(min=1), size)
     cols0, cols1 = _area_bins(whole[:, 0], (whole[:, 2] - whole[:, 0]).clamp(min=1), size)
-    # Lookups by flat index (one index_select each) are much faster than 2-D fancy indexing.
-    flat = table.reshape(-1, channels)
+    # Lookups by flat index are much faster than 2-D fancy indexing.
+    read = _pixel_reader(table)
     stride = table.shape[1]
     top, bottom = (rows0 * stride)[:, :, None], (rows1 * stride)[:, :, None]
     left, right = cols0[:, None, :], cols1[:, None, :]
-
-    def lookup(index: torch.Tensor) -> torch.Tensor:
-        return flat.index_select(0, index.reshape(-1))
-
-    sums = lookup(bottom + right) - lookup(top + right) - lookup(bottom + left) + lookup(top + left)
+    sums = (read((bottom + right).reshape(-1)) - read((top + right).reshape(-1))
+            - read((bottom + left).reshape(-1)) + read((top + left).reshape(-1)))
     area = ((rows1 - rows0)[:, :, None] * (cols1 - cols0)[:, None, :]).reshape(-1, 1)
-    crops = (sums.float() / area.float()).reshape(len(regions), size, size, channels)
+    crops = (sums[:, :channels].float() / area.float()).reshape(len(regions), size, size, channels)
     return crops.permute(0, 3, 1, 2)

@@ -180,6 +180,8 @@ class FaceDetector:
             # few large levels (measured slower there).
             if self._host_kernels and name != "pnet" and torch.backends.mkldnn.is_available():
                 net.prepack_for_cpu()
+            elif self._host_kernels and name == "pnet":
+                net.use_cpu_kernels()
             self._nets[name] = net
 
     def detect(self, images) -> list[Detections]:
@@ -394,8 +396,10 @@ class _ImageSources:
         if index not in self._tables:
             image = self.images[index]
             if self.host_kernels and image.shape[0] * image.shape[1] * 255 < 2**31:
-                # OpenCV's integral is several times faster than two torch cumsums on CPU.
-                table = torch.from_numpy(cv2.integral(image, sdepth=cv2.CV_32S))
+                # OpenCV's integral is several times faster than two torch cumsums on CPU. A fourth
+                # (unused) channel makes each pixel's sums 16 bytes, which crop_resize reads faster.
+                rgba = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
+                table = torch.from_numpy(cv2.integral(rgba, sdepth=cv2.CV_32S))
             else:
                 table = integral_image(torch.from_numpy(image).to(self.device))
             self._tables[index] = table
@@ -411,7 +415,7 @@ class _ImageSources:
             height, width = self.images[index].shape[:2]
             regions = crop_regions(boxes[start:start + count], width, height)
             valid.append((regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1]))
-            chunks.append(crop_resize(self.table(index), regions, size))
+            chunks.append(crop_resize(self.table(index), regions, size, channels=3))
             start += count
         crops = torch.cat(chunks)
         if self.host_kernels:

@@ -9,6 +9,7 @@ import copy
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .nets import PNet
@@ -31,6 +32,48 @@ def _face_direction(classifier_weight: torch.Tensor, classifier_bias: torch.Tens
     return weight[1] - weight[0], classifier_bias[1] - classifier_bias[0]
 
 
+class ChannelsLastPReLU(nn.Module):
+    """PReLU that stays fast on channels_last activations with few channels (same values).
+
+    torch's channels_last PReLU takes a slow scalar path when the channel count is not a multiple
+    of its vector width (P-Net's conv1 has 10): about 4x slower than on 16 channels. Viewing the
+    activations as rows of whole image rows, with the slopes repeated, gives the vectorised path
+    the same per-element arithmetic.
+    """
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        self.register_buffer("weight", prelu.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PReLU of an (N, C, H, W) tensor."""
+        channels = x.shape[1]
+        if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) or channels % 8 == 0:
+            return F.prelu(x, self.weight)
+        # One image row (W pixels of C channels) per vector row: W always divides the pixels.
+        nhwc = x.permute(0, 2, 3, 1)
+        width = x.shape[3]
+        rows = F.prelu(nhwc.reshape(-1, width * channels), self.weight.repeat(width))
+        return rows.reshape(nhwc.shape).permute(0, 3, 1, 2)
+
+
+class MaxPool2x2(nn.Module):
+    """Max-pooling over 2 x 2 windows with stride 2, ceil mode (partial windows at the far edges).
+
+    The same values as nn.MaxPool2d(2, 2, ceil_mode=True) as the elementwise maximum of four
+    strided views: about 3x faster on CPUs, where the pooling kernel also computes indices.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled (N, C, ceil(H / 2), ceil(W / 2)) tensor, in x's memory format."""
+        rows, cols = x.shape[2] // 2, x.shape[3] // 2
+        out = x[:, :, 0::2, 0::2].clone()
+        out[:, :, :, :cols].clamp_min_(x[:, :, 0::2, 1::2])
+        out[:, :, :rows, :].clamp_min_(x[:, :, 1::2, 0::2])
+        out[:, :, :rows, :cols].clamp_min_(x[:, :, 1::2, 1::2])
+        return out
+
+
 class ProposalNet(nn.Module):
     """P-Net for detection: face logit everywhere, box offsets only where asked."""
 
@@ -49,6 +92,17 @@ class ProposalNet(nn.Module):
         logits = (features.reshape(-1, features.shape[-1]) @ self.face_weight).reshape(
             features.shape[:3]) + self.face_bias
         return features, logits
+
+    def use_cpu_kernels(self) -> "ProposalNet":
+        """Swap in PReLU and max-pooling forms that are faster on CPUs (same results)."""
+        for index, module in enumerate(self.body):
+            if isinstance(module, nn.PReLU):
+                self.body[index] = ChannelsLastPReLU(module)
+            elif (isinstance(module, nn.MaxPool2d) and module.kernel_size in (2, (2, 2))
+                  and module.stride in (2, (2, 2)) and module.padding in (0, (0, 0))
+                  and module.dilation in (1, (1, 1)) and module.ceil_mode):
+                self.body[index] = MaxPool2x2()
+        return self
 
     def box_offsets(self, features: torch.Tensor) -> torch.Tensor:
         """Box offsets (K, 4) for (K, 32) feature vectors."""

@@ -76,6 +76,18 @@ def test_crop_resize_is_area_interpolation_of_the_crop():
         assert torch.allclose(crop, expected, atol=1e-3)
 
 
+def test_crop_resize_reads_a_table_with_a_padding_lane_the_same():
+    generator = torch.Generator().manual_seed(6)
+    image = torch.randint(0, 256, (70, 90, 3), dtype=torch.uint8, generator=generator)
+    padded = torch.cat([image, torch.full((70, 90, 1), 255, dtype=torch.uint8)], dim=2)
+    regions = crop_regions(torch.tensor([[3.5, 4.0, 60.2, 66.0], [50.0, 10.0, 58.0, 17.0]]), 90, 70)
+    table = integral_image(padded)
+    assert table.dtype == torch.int32  # the packed 16-byte read path
+    for size in (24, 48):
+        assert torch.equal(crop_resize(table, regions, size, channels=3),
+                           crop_resize(integral_image(image), regions, size))
+
+
 def test_crop_regions_clip_to_the_image():
     regions = crop_regions(torch.tensor([[-10.0, -3.0, 500.0, 40.5]]), 100, 50)
     assert regions.tolist() == [[0.0, 0.0, 100.0, 40.0]]

@@ -1,6 +1,6 @@
 import torch
 
-from mtcnn.inference import ProposalNet, WindowNet
+from mtcnn.inference import ChannelsLastPReLU, MaxPool2x2, ProposalNet, WindowNet
 from mtcnn.nets import INPUT_SIZE, build_stage
 from mtcnn.weights import load_weights
 
@@ -62,3 +62,35 @@ def test_prepacking_falls_back_to_the_eager_body(monkeypatch):
     with torch.inference_mode():
         probability, _, _ = net(torch.zeros(2, 3, 24, 24))
     assert probability.shape == (2,) and not net._onednn_body
+
+
+def test_cpu_prelu_and_pooling_forms_give_identical_values():
+    torch.manual_seed(2)
+    pool = torch.nn.MaxPool2d(2, 2, ceil_mode=True)
+    with torch.inference_mode():
+        for channels, height, width in ((10, 31, 47), (10, 30, 46), (16, 9, 8), (3, 1, 1)):
+            prelu = torch.nn.PReLU(channels)
+            prelu.weight.uniform_(-1.5, 1.5)
+            fast = ChannelsLastPReLU(prelu)
+            x = torch.randn(2, channels, height, width)
+            for layout in (torch.channels_last, torch.contiguous_format):
+                x = x.contiguous(memory_format=layout)
+                assert torch.equal(fast(x), prelu(x))
+                pooled = MaxPool2x2()(x)
+                assert torch.equal(pooled, pool(x))
+                assert pooled.is_contiguous(memory_format=layout)
+
+
+def test_proposal_net_with_cpu_kernels_matches_the_plain_one():
+    pnet = load_weights("reference").stages["pnet"]
+    plain = ProposalNet(pnet).to(memory_format=torch.channels_last).eval()
+    fast = ProposalNet(pnet).to(memory_format=torch.channels_last).eval().use_cpu_kernels()
+    assert any(isinstance(m, MaxPool2x2) for m in fast.body)
+    assert any(isinstance(m, ChannelsLastPReLU) for m in fast.body)
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        for height, width in ((37, 53), (40, 52)):
+            pixels = torch.randint(0, 256, (1, 3, height, width)).float()
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+            for got, expected in zip(fast(pixels), plain(pixels)):
+                assert torch.equal(got, expected)
