@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -185,9 +187,22 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _progress(line: str) -> None:
+    """Print a progress line from a training worker, once.
+
+    Ray Train replaces `print` in its workers with one that logs the line and also prints it
+    when stdout is wrapped (as it is in Ray workers), so the driver showed every line twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _train_loop(loop_config: dict) -> None:
     """Each worker's loop: resume from the last checkpoint, then train, report and checkpoint per epoch."""
     config = TrainConfig(**loop_config["config"])
+    # Ray Train logs every report's whole metrics dict at INFO from this (internal) module; the
+    # epoch line below says the same in one line.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
@@ -206,8 +221,7 @@ def _train_loop(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
-            print(f"[{config.stage}] resuming after epoch {state['epoch']} from its checkpoint",
-                  flush=True)
+            _progress(f"[{config.stage}] resuming after epoch {state['epoch']} from its checkpoint")
     resumed_from = start_epoch
 
     weights = STAGE_TASK_WEIGHTS[config.stage]
@@ -242,8 +256,8 @@ def _train_loop(loop_config: dict) -> None:
                        terms.box.item() * terms.boxed, terms.boxed,
                        terms.landmarks.item() * terms.landmarked, terms.landmarked, terms.correct]
             if rank == 0 and config.log_every and (step + 1) % config.log_every == 0:
-                print(f"[{config.stage}] epoch {epoch + 1}/{config.epochs} "
-                      f"batch {step + 1}/{batches_per_epoch} loss {terms.total.item():.4f}", flush=True)
+                _progress(f"[{config.stage}] epoch {epoch + 1}/{config.epochs} "
+                          f"batch {step + 1}/{batches_per_epoch} loss {terms.total.item():.4f}")
         seconds = time.perf_counter() - started
         summed = _all_sum([*totals.tolist(), seconds], device)
         loss, n, cls, n_cls, box, n_box, lmk, n_lmk, n_correct, _ = summed
@@ -267,10 +281,10 @@ def _train_loop(loop_config: dict) -> None:
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch, "history": history}, Path(folder) / _STATE_FILE)
                 saved = ray.train.Checkpoint.from_directory(folder)
-                print(f"[{config.stage}] epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.4f} "
-                      f"(face {metrics['classification_loss']:.4f}, box {metrics['box_loss']:.4f}, "
-                      f"landmarks {metrics['landmark_loss']:.4f}) accuracy {metrics['accuracy']:.3f} "
-                      f"{metrics['samples_per_second']:.0f} samples/s", flush=True)
+                _progress(f"[{config.stage}] epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.4f} "
+                          f"(face {metrics['classification_loss']:.4f}, box {metrics['box_loss']:.4f}, "
+                          f"landmarks {metrics['landmark_loss']:.4f}) accuracy {metrics['accuracy']:.3f} "
+                          f"{metrics['samples_per_second']:.0f} samples/s")
             ray.train.report(metrics, checkpoint=saved)
 
 
