@@ -161,6 +161,9 @@ def test_recipe_config_is_read_into_dataclasses_with_clear_errors(tmp_path):
     config = load_recipe(Path(__file__).parents[1] / "configs" / "shared-data.yaml")
     assert list(config.stages) == ["pnet", "rnet", "onet"] and not config.ohem
     assert Path(config.faces).is_dir() and Path(config.landmarks).is_file()  # resolved from the file
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text("faces: x\nstages:\n  pnet: {epochs: 2, weight_decay: 0.0005}\n")
+    assert load_recipe(tuned).stages["pnet"].weight_decay == 0.0005
     bad = tmp_path / "bad.yaml"
     bad.write_text("faces: x\nstages:\n  pnet: {epochs: 2, epoch: 3}\n")
     with pytest.raises(ValueError, match=r"stages.pnet: unknown keys \['epoch'\]"):

@@ -29,6 +29,7 @@ class StageRecipe:
     batch_size: int = 384
     learning_rate: float = 1e-3
     learning_rate_decay: float = 0.9
+    weight_decay: float = 0.0  # L2 penalty on the weights (Adam's weight_decay)
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _train(config: RecipeConfig, stage: str, samples_root: Path, run_folder: Pat
         stage=stage, data=stage_folder(str(samples_root), stage), output=str(run_folder),
         epochs=settings.epochs, batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, learning_rate_decay=settings.learning_rate_decay,
-        ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
+        weight_decay=settings.weight_decay, ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
         cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path,
         run_name=f"recipe-{stage}", previous_weights=previous,
         storage_options=config.storage_options, seed=config.seed))
