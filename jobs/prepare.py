@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from mtcnn.detector import DetectorConfig
 from mtcnn.pyramid import PYRAMIDS
@@ -49,8 +50,11 @@ class PrepareConfig:
 
     output: str
     samples: SampleConfig = field(default_factory=SampleConfig)
-    #: WIDER `*_bbx_gt.txt`, or a folder holding one and an `images/` folder.
-    faces: str | None = None
+    #: Face annotations, one source or several: a WIDER `*_bbx_gt.txt` (or a folder holding one
+    #: and `images/`), a WebFaces ground-truth file, a dlib XML file, an FDDB ellipse list or an
+    #: annotation table (.parquet); `FORMAT:PATH` names the format where the name does not tell.
+    faces: str | tuple[str, ...] | None = None
+    #: Image root of the face annotations (one source only; default: the format's own place).
     face_images: str | None = None
     #: 5-point list (`path x1 x2 y1 y2` + 5 points); its images are used for landmark samples only.
     landmarks: str | None = None
@@ -76,9 +80,22 @@ class PrepareConfig:
         """The stage whose samples are made."""
         return self.samples.stage
 
+    @property
+    def face_sources(self) -> tuple[str, ...]:
+        """The face annotation sources, as given."""
+        if self.faces is None:
+            return ()
+        return (self.faces,) if isinstance(self.faces, str) else tuple(self.faces)
+
     def __post_init__(self) -> None:
-        if self.faces is None and self.landmarks is None:
-            raise PrepareError("give --faces (a WIDER gt file or folder) and/or --landmarks (a 5-point list)")
+        if not self.face_sources and self.landmarks is None:
+            raise PrepareError("give --faces (face annotations: a WIDER gt file or folder, ...) and/or "
+                               "--landmarks (a 5-point list)")
+        for source in self.face_sources:
+            face_format(source)  # an unknown format fails here, before anything starts
+        if self.face_images is not None and len(self.face_sources) > 1:
+            raise PrepareError("--face-images names one image root; with several --faces sources, "
+                               "keep each source's images where its format expects them")
         if self.stage in MINED_BY and self.weights is None:
             raise PrepareError(f"--stage {self.stage} mines its samples with the trained "
                                f"{MINED_BY[self.stage]}: pass --weights (a weights file or training-run "
@@ -203,6 +220,31 @@ class SampleMaker:
 
 # -- the job ------------------------------------------------------------------------------------
 
+#: Face annotation formats --faces reads (mtcnn.annotations has a reader for each).
+FACE_FORMATS = ("wider", "webfaces", "dlib", "fddb", "table")
+
+
+def face_format(source: str) -> tuple[str, str]:
+    """(format, path) of a --faces source: FORMAT:PATH, or a path whose name tells the format."""
+    head, colon, rest = source.partition(":")
+    if colon and head.lower() in FACE_FORMATS:
+        return head.lower(), rest
+    path = Path(source)
+    name = path.name.lower()
+    if path.is_dir() or name.endswith("_bbx_gt.txt"):
+        return "wider", source
+    if name.endswith(".xml"):
+        return "dlib", source
+    if name.endswith(".parquet"):
+        return "table", source
+    if "ellipselist" in name:
+        return "fddb", source
+    if "webfaces" in name or "groundthruth" in name:
+        return "webfaces", source
+    raise PrepareError(f"--faces {source}: cannot tell the annotation format from the name; write it "
+                       f"as FORMAT:PATH, FORMAT one of {', '.join(FACE_FORMATS)}")
+
+
 def _wider_paths(faces: str, face_images: str | None) -> tuple[str, str]:
     """The gt file and image root for --faces given as a file or a folder."""
     path = Path(faces)
@@ -217,14 +259,31 @@ def _wider_paths(faces: str, face_images: str | None) -> tuple[str, str]:
     return str(path), face_images or str(path.parent / "images")
 
 
+def read_face_source(source: str, images: str | None = None) -> list:
+    """The face annotations of one --faces source, read by its format's reader."""
+    from mtcnn.annotations import from_table, read_dlib_xml, read_fddb, read_webfaces, read_wider
+
+    kind, path = face_format(source)
+    if kind == "wider":
+        return read_wider(*_wider_paths(path, images))
+    if not Path(path).is_file():
+        raise PrepareError(f"--faces {source}: no such file")
+    if kind == "webfaces":
+        return read_webfaces(path, images)
+    if kind == "dlib":
+        return read_dlib_xml(path)
+    if kind == "fddb":
+        return read_fddb(path, images)
+    return from_table(pq.read_table(path))
+
+
 def read_inputs(config: PrepareConfig) -> tuple[list, list]:
     """The face images' and landmark images' annotations, as the config names them."""
-    from mtcnn.annotations import read_facepoint_list, read_wider
+    from mtcnn.annotations import read_facepoint_list
 
     faces, landmarks = [], []
-    if config.faces is not None:
-        gt_file, root = _wider_paths(config.faces, config.face_images)
-        faces = read_wider(gt_file, root)[: config.limit]
+    for source in config.face_sources:
+        faces += read_face_source(source, config.face_images)[: config.limit]
     if config.landmarks is not None:
         if not Path(config.landmarks).is_file():
             raise PrepareError(f"--landmarks {config.landmarks}: no such file")
@@ -368,8 +427,13 @@ def _mix(text: str) -> tuple[float, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mtcnn-jobs prepare`."""
     parser.add_argument("--stage", choices=STAGES, required=True, help="the stage whose samples to make")
-    parser.add_argument("--faces", help="WIDER *_bbx_gt.txt, or a folder holding one and images/")
-    parser.add_argument("--face-images", help="image root of --faces (default: images/ next to the gt file)")
+    parser.add_argument("--faces", nargs="+", action="extend", metavar="SOURCE",
+                        help="face annotations, one or more: WIDER *_bbx_gt.txt or a folder holding one "
+                             "and images/, WebFaces ground truth, dlib XML, FDDB ellipse list, or an "
+                             "annotation table (.parquet); FORMAT:PATH names the format "
+                             f"({', '.join(FACE_FORMATS)}) where the file name does not tell it")
+    parser.add_argument("--face-images", help="image root of a single --faces source "
+                                              "(default: where its format keeps them)")
     parser.add_argument("--landmarks", help="5-point list 'path x1 x2 y1 y2 + 5 points' for landmark samples")
     parser.add_argument("--landmark-images", help="image root of --landmarks (default: the list's folder)")
     parser.add_argument("--weights", help="trained earlier stages (file or training-run folder); "
@@ -417,7 +481,8 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
                if args.augment else None)
     thresholds = (*args.mining_thresholds, MINING_DETECTOR.thresholds[2])
     mining = DetectorConfig(min_face_size=args.mining_min_face_size, thresholds=thresholds, pyramid=args.pyramid)
-    return PrepareConfig(output=args.output, samples=samples, faces=args.faces, face_images=args.face_images,
+    return PrepareConfig(output=args.output, samples=samples, faces=tuple(args.faces) if args.faces else None,
+                         face_images=args.face_images,
                          landmarks=args.landmarks, landmark_images=args.landmark_images, weights=args.weights,
                          mining=mining, augment=augment, seed=args.seed, limit=args.limit,
                          batch_size=args.batch_size, concurrency=args.concurrency, overwrite=args.overwrite,

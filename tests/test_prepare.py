@@ -134,3 +134,34 @@ def test_weights_without_the_mining_stages_are_refused(tmp_path):
     with pytest.raises(PrepareError, match="rnet"):
         prepare_stage(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_faces_from_several_sources_and_formats(tmp_path):
+    from mtcnn.annotations import read_dlib_xml, read_webfaces, read_wider, to_table
+
+    webfaces = DATA / "webfaces" / "WebFaces_GroundThruth.txt"
+    dlib = DATA / "dlib_xml" / "training.xml"
+    table_file = tmp_path / "my_faces.parquet"
+    import pyarrow.parquet as pq
+    pq.write_table(to_table(read_dlib_xml(dlib)), table_file)
+    # The format is told from each name, or named with FORMAT:PATH.
+    config = PrepareConfig(output=str(tmp_path / "out"), faces=(str(WIDER), str(webfaces), str(dlib),
+                                                                  f"table:{table_file}"), limit=3)
+    faces, landmarks = read_inputs(config)
+    assert landmarks == []
+    expected = (read_wider(WIDER / "wider_face_train_bbx_gt.txt")[:3] + read_webfaces(webfaces)[:3]
+                + read_dlib_xml(dlib)[:3] + read_dlib_xml(dlib)[:3])
+    assert [a.path for a in faces] == [a.path for a in expected]
+    assert all(np.array_equal(a.boxes, b.boxes) for a, b in zip(faces, expected))
+    # A name that tells nothing needs the prefix; an unknown prefix is no format.
+    renamed = tmp_path / "labels.txt"
+    renamed.write_text(webfaces.read_text())
+    with pytest.raises(PrepareError, match="FORMAT:PATH"):
+        PrepareConfig(output=str(tmp_path / "out"), faces=str(renamed))
+    config = PrepareConfig(output=str(tmp_path / "out"), faces=f"webfaces:{renamed}",
+                           face_images=str(webfaces.parent / "images"), limit=2)
+    assert [a.path for a in read_inputs(config)[0]] == [a.path for a in read_webfaces(webfaces)[:2]]
+    with pytest.raises(PrepareError, match="one image root"):
+        PrepareConfig(output=str(tmp_path / "out"), faces=(str(WIDER), str(dlib)), face_images=str(tmp_path))
+    with pytest.raises(PrepareError, match="no such file"):
+        read_inputs(PrepareConfig(output=str(tmp_path / "out"), faces=str(tmp_path / "missing.xml")))

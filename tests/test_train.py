@@ -164,6 +164,10 @@ def test_recipe_config_is_read_into_dataclasses_with_clear_errors(tmp_path):
     tuned = tmp_path / "tuned.yaml"
     tuned.write_text("faces: x\nstages:\n  pnet: {epochs: 2, weight_decay: 0.0005}\n")
     assert load_recipe(tuned).stages["pnet"].weight_decay == 0.0005
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("faces: [wider, 'webfaces:gt/WebFaces.txt', /data/x.xml]\n")
+    assert load_recipe(listed).faces == [str(tmp_path / "wider"), f"webfaces:{tmp_path / 'gt' / 'WebFaces.txt'}",
+                                         "/data/x.xml"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("faces: x\nstages:\n  pnet: {epochs: 2, epoch: 3}\n")
     with pytest.raises(ValueError, match=r"stages.pnet: unknown keys \['epoch'\]"):

@@ -36,7 +36,9 @@ class StageRecipe:
 class RecipeConfig:
     """Where the data is and how each stage is prepared and trained."""
 
-    faces: str  # WIDER gt file or a folder holding one and images/
+    #: Face annotations: one source or a list (WIDER gt file or folder, WebFaces, dlib XML, FDDB,
+    #: annotation table; FORMAT:PATH where the name does not tell), as `mtcnn-jobs prepare --faces`.
+    faces: str | list[str]
     landmarks: str | None = None  # 5-point list (cnn_facepoint format)
     limit: int | None = None  # first N images of each list (quick runs)
     augment: bool = True
@@ -90,10 +92,24 @@ def load_recipe(path: str | Path) -> RecipeConfig:
                             for name, settings in stages.items()}
         for settings in values["stages"].values():
             settings.mix = tuple(settings.mix)
-    for key in ("faces", "landmarks"):
-        if values.get(key) and "://" not in values[key] and not Path(values[key]).is_absolute():
-            values[key] = str((path.parent / values[key]).resolve())
+    if isinstance(values.get("faces"), list):
+        values["faces"] = [_resolve_from(path.parent, source) for source in values["faces"]]
+    elif values.get("faces"):
+        values["faces"] = _resolve_from(path.parent, values["faces"])
+    if values.get("landmarks"):
+        values["landmarks"] = _resolve_from(path.parent, values["landmarks"])
     return _build(RecipeConfig, values, str(path))
+
+
+def _resolve_from(folder: Path, source: str) -> str:
+    """A relative local path (after an optional FORMAT: prefix) taken from folder; others as they are."""
+    from ..prepare import FACE_FORMATS
+
+    head, colon, rest = str(source).partition(":")
+    prefix, location = (head + colon, rest) if colon and head.lower() in FACE_FORMATS else ("", str(source))
+    if "://" in location or Path(location).is_absolute():
+        return str(source)
+    return prefix + str((folder / location).resolve())
 
 
 @dataclass
@@ -124,7 +140,8 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str 
         output=str(samples_root),
         samples=SampleConfig(stage=stage, samples_per_image=settings.samples_per_image,
                              mix=settings.mix, negative_iou=settings.negative_iou),
-        faces=config.faces, landmarks=config.landmarks, weights=weights,
+        faces=config.faces if isinstance(config.faces, str) else tuple(config.faces),
+        landmarks=config.landmarks, weights=weights,
         mining=DetectorConfig(min_face_size=config.mining_min_face_size,
                               thresholds=MINING_DETECTOR.thresholds, pyramid=config.mining_pyramid),
         augment=AugmentConfig() if config.augment else None, seed=config.seed, limit=config.limit,
