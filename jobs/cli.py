@@ -20,11 +20,19 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every available subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand, or with only one fully built.
+
+    With `only`, the other subcommands are listed by name and help but their modules are not
+    imported: the training modules pull in Ray Train and torch, seconds of start-up that a
+    command like annotate would otherwise pay before it starts any work.
+    """
     parser = argparse.ArgumentParser(prog="mtcnn-jobs", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            subparsers.add_parser(name, help=help_text, description=help_text)
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
@@ -39,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the mtcnn-jobs console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand comes first; without a known one (help, a typo) nothing needs importing.
+    command = argv[0] if argv and argv[0] in COMMANDS else ""
+    args = build_parser(only=command).parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

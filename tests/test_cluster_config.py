@@ -176,3 +176,16 @@ def test_kuberay_job_is_consistent_and_its_command_parses():
     build_parser().parse_args(command[1:])
     env_vars = yaml.safe_load(job["spec"]["runtimeEnvYAML"]).get("env_vars", {})
     assert not [name for name in env_vars if any(s in name.lower() for s in ("key", "secret", "token"))]
+
+
+def test_a_command_imports_only_its_own_module():
+    """`mtcnn-jobs annotate` must not pay for importing Ray Train and the training code."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom jobs import cli\n"
+             "try:\n    cli.main(['annotate', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('jobs.annotate', 'jobs.train', 'jobs.training.trainer', 'ray.train')"
+             " if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "['jobs.annotate']"
