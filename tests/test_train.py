@@ -158,9 +158,10 @@ def test_shards_of_another_stage_or_missing_get_a_clear_error(pnet_shards, tmp_p
 def test_recipe_config_is_read_into_dataclasses_with_clear_errors(tmp_path):
     from jobs.training.recipe import load_recipe
 
-    config = load_recipe(Path(__file__).parents[1] / "configs" / "shared-data.yaml")
-    assert list(config.stages) == ["pnet", "rnet", "onet"] and not config.ohem
-    assert Path(config.faces).is_dir() and Path(config.landmarks).is_file()  # resolved from the file
+    for name in ("shared-data.yaml", "shared-data-quick.yaml"):
+        config = load_recipe(Path(__file__).parents[1] / "configs" / name)
+        assert list(config.stages) == ["pnet", "rnet", "onet"] and not config.ohem
+        assert Path(config.faces).is_dir() and Path(config.landmarks).is_file()  # resolved from the file
     tuned = tmp_path / "tuned.yaml"
     tuned.write_text("faces: x\nstages:\n  pnet: {epochs: 2, weight_decay: 0.0005}\n")
     assert load_recipe(tuned).stages["pnet"].weight_decay == 0.0005
