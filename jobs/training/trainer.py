@@ -197,12 +197,20 @@ def _progress(line: str) -> None:
     sys.stdout.flush()
 
 
+def _quiet_report_log() -> None:
+    """Drop Ray Train's INFO line per report (the whole metrics dict; the epoch line says it)."""
+    try:  # an internal module: if it moves, the lines just come back
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
+
+
 def _train_loop(loop_config: dict) -> None:
     """Each worker's loop: resume from the last checkpoint, then train, report and checkpoint per epoch."""
     config = TrainConfig(**loop_config["config"])
-    # Ray Train logs every report's whole metrics dict at INFO from this (internal) module; the
-    # epoch line below says the same in one line.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
