@@ -264,6 +264,9 @@ def read_face_source(source: str, images: str | None = None) -> list:
     from mtcnn.annotations import from_table, read_dlib_xml, read_fddb, read_webfaces, read_wider
 
     kind, path = face_format(source)
+    if "://" in path:
+        raise PrepareError(f"--faces {source}: annotation files are read from local disk (the images "
+                           "they name may be anywhere); copy the file here and pass its path")
     if kind == "wider":
         return read_wider(*_wider_paths(path, images))
     if not Path(path).is_file():

@@ -165,3 +165,5 @@ def test_faces_from_several_sources_and_formats(tmp_path):
         PrepareConfig(output=str(tmp_path / "out"), faces=(str(WIDER), str(dlib)), face_images=str(tmp_path))
     with pytest.raises(PrepareError, match="no such file"):
         read_inputs(PrepareConfig(output=str(tmp_path / "out"), faces=str(tmp_path / "missing.xml")))
+    with pytest.raises(PrepareError, match="local disk"):
+        read_inputs(PrepareConfig(output=str(tmp_path / "out"), faces="s3://bucket/train_bbx_gt.txt"))
