@@ -158,7 +158,7 @@ def test_shards_of_another_stage_or_missing_get_a_clear_error(pnet_shards, tmp_p
 def test_recipe_config_is_read_into_dataclasses_with_clear_errors(tmp_path):
     from jobs.training.recipe import load_recipe
 
-    for name in ("shared-data.yaml", "shared-data-quick.yaml"):
+    for name in ("shared-data.yaml", "shared-data-no-decay.yaml"):
         config = load_recipe(Path(__file__).parents[1] / "configs" / name)
         assert list(config.stages) == ["pnet", "rnet", "onet"] and not config.ohem
         assert Path(config.faces).is_dir() and Path(config.landmarks).is_file()  # resolved from the file
