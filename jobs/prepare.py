@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class PrepareConfig:
     #: Face annotations, one source or several: a WIDER `*_bbx_gt.txt` (or a folder holding one
     #: and `images/`), a WebFaces ground-truth file, a dlib XML file, an FDDB ellipse list or an
     #: annotation table (.parquet); `FORMAT:PATH` names the format where the name does not tell.
-    faces: str | tuple[str, ...] | None = None
+    faces: str | Sequence[str] | None = None
     #: Image root of the face annotations (one source only; default: the format's own place).
     face_images: str | None = None
     #: 5-point list (`path x1 x2 y1 y2` + 5 points); its images are used for landmark samples only.
@@ -484,8 +485,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
                if args.augment else None)
     thresholds = (*args.mining_thresholds, MINING_DETECTOR.thresholds[2])
     mining = DetectorConfig(min_face_size=args.mining_min_face_size, thresholds=thresholds, pyramid=args.pyramid)
-    return PrepareConfig(output=args.output, samples=samples, faces=tuple(args.faces) if args.faces else None,
-                         face_images=args.face_images,
+    return PrepareConfig(output=args.output, samples=samples, faces=args.faces, face_images=args.face_images,
                          landmarks=args.landmarks, landmark_images=args.landmark_images, weights=args.weights,
                          mining=mining, augment=augment, seed=args.seed, limit=args.limit,
                          batch_size=args.batch_size, concurrency=args.concurrency, overwrite=args.overwrite,

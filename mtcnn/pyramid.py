@@ -35,18 +35,12 @@ def _area_bins(length: int, size: int, device: torch.device) -> tuple[torch.Tens
     return (index * length) // size, ((index + 1) * length + size - 1) // size
 
 
-def resize_from_table(table: torch.Tensor, height: int, width: int,
-                      channels: int | None = None) -> torch.Tensor:
-    """Area-resize the image behind a summed-area table (H+1, W+1, C) to height x width (float).
-
-    The result has the table's C channels, or its first `channels` (a table may carry padding).
-    """
+def resize_from_table(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Area-resize the image behind a summed-area table (H+1, W+1, C) to height x width (float)."""
     rows0, rows1 = _area_bins(table.shape[0] - 1, height, table.device)
     cols0, cols1 = _area_bins(table.shape[1] - 1, width, table.device)
     # Separable box sums: four gathers from the table instead of reading every source pixel.
     row_sums = table.index_select(0, rows1) - table.index_select(0, rows0)
-    if channels is not None:
-        row_sums = row_sums[:, :, :channels]
     sums = row_sums.index_select(1, cols1) - row_sums.index_select(1, cols0)
     area = ((rows1 - rows0)[:, None] * (cols1 - cols0)[None, :]).float()
     return sums.float() / area[:, :, None]
@@ -67,8 +61,9 @@ def build_pyramid(image: np.ndarray, scales: list[float], pyramid: str = "dynami
     if pyramid == "classic":
         if table is None:
             table = torch.from_numpy(cv2.integral(image, sdepth=cv2.CV_64F))
-        return [resize_from_table(table, *size, channels=image.shape[2] if image.ndim == 3 else None)
-                for size in sizes]
+        if image.ndim == 3:
+            table = table[:, :, :image.shape[2]]  # a table made for cropping may carry a padding lane
+        return [resize_from_table(table, *size) for size in sizes]
     levels, source = [], image
     for level_h, level_w in sizes:
         source = cv2.resize(source, (level_w, level_h), interpolation=cv2.INTER_AREA)
