@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--learning-rate-decay", type=float, default=defaults.learning_rate_decay,
                         help="factor applied to the learning rate after each epoch")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="L2 penalty on the weights (default %(default)s)")
+    parser.add_argument("--flip", action="store_true",
+                        help="mirror crops (and their targets) at random in every batch")
+    parser.add_argument("--color-jitter", type=float, default=defaults.color_jitter,
+                        help="scale brightness, contrast and saturation of each crop by up to "
+                             "1 +- this, at random (default %(default)s: off)")
     parser.add_argument("--ohem", action="store_true",
                         help="back-propagate only the hardest 70%% of face/non-face samples per batch")
     parser.add_argument("--workers", type=int, default=defaults.num_workers,
@@ -73,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig(
             stage=args.stage, data=args.data, output=args.output, epochs=args.epochs,
             batch_size=args.batch_size, learning_rate=args.learning_rate,
-            learning_rate_decay=args.learning_rate_decay, ohem=args.ohem, num_workers=args.workers,
+            learning_rate_decay=args.learning_rate_decay, weight_decay=args.weight_decay,
+            flip=args.flip, color_jitter=args.color_jitter, ohem=args.ohem, num_workers=args.workers,
             use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path,
             run_name=args.run_name, max_failures=args.max_failures,
             previous_weights=args.previous_weights,

@@ -137,10 +137,13 @@ def test_a_stopped_run_resumes_from_its_s3_checkpoint(ray_session, pnet_shards, 
 
     resumed = train_stage(_config(shards, tmp_path / "run", epochs=2, num_workers=1,
                                   cpus_per_worker=1, storage_path="s3://runs/checkpoints",
-                                  run_name="pnet-s3", storage_options=options))
+                                  run_name="pnet-s3", storage_options=options,
+                                  flip=True, color_jitter=0.2))
     assert resumed.metrics["resumed_from_epoch"] == 1 and resumed.metrics["epoch"] == 1
     assert [m["epoch"] for m in resumed.history] == [0, 1]
     provenance = load_weights(tmp_path / "run").provenance
+    assert provenance["config"]["flip"] and provenance["config"]["color_jitter"] == 0.2
+    assert np.isfinite(resumed.metrics["loss"])  # the epoch trained on flipped, jittered batches
     assert provenance["config"]["storage_options"]["secret"] == "***"  # secrets stay out
     assert "testing" not in json.dumps(provenance)
 
@@ -163,8 +166,10 @@ def test_recipe_config_is_read_into_dataclasses_with_clear_errors(tmp_path):
         assert list(config.stages) == ["pnet", "rnet", "onet"] and not config.ohem
         assert Path(config.faces).is_dir() and Path(config.landmarks).is_file()  # resolved from the file
     tuned = tmp_path / "tuned.yaml"
-    tuned.write_text("faces: x\nstages:\n  pnet: {epochs: 2, weight_decay: 0.0005}\n")
-    assert load_recipe(tuned).stages["pnet"].weight_decay == 0.0005
+    tuned.write_text("faces: x\nstages:\n  pnet: {epochs: 2, weight_decay: 0.0005, flip: true, "
+                     "color_jitter: 0.2}\n")
+    pnet = load_recipe(tuned).stages["pnet"]
+    assert pnet.weight_decay == 0.0005 and pnet.flip and pnet.color_jitter == 0.2
     listed = tmp_path / "listed.yaml"
     listed.write_text("faces: [wider, 'webfaces:gt/WebFaces.txt', /data/x.xml]\n")
     assert load_recipe(listed).faces == [str(tmp_path / "wider"), f"webfaces:{tmp_path / 'gt' / 'WebFaces.txt'}",

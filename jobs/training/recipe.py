@@ -30,6 +30,8 @@ class StageRecipe:
     learning_rate: float = 1e-3
     learning_rate_decay: float = 0.9
     weight_decay: float = 0.0  # L2 penalty on the weights (Adam's weight_decay)
+    flip: bool = False  # random mirror images of the crops in every batch
+    color_jitter: float = 0.0  # random brightness, contrast and saturation, up to 1 +- this
 
 
 @dataclass
@@ -165,7 +167,8 @@ def _train(config: RecipeConfig, stage: str, samples_root: Path, run_folder: Pat
         stage=stage, data=stage_folder(str(samples_root), stage), output=str(run_folder),
         epochs=settings.epochs, batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, learning_rate_decay=settings.learning_rate_decay,
-        weight_decay=settings.weight_decay, ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
+        weight_decay=settings.weight_decay, flip=settings.flip,
+        color_jitter=settings.color_jitter, ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
         cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path,
         run_name=f"recipe-{stage}", previous_weights=previous,
         storage_options=config.storage_options, seed=config.seed))

@@ -27,6 +27,7 @@ from mtcnn.weights import load_weights, save_weights
 
 from ..ray_env import init_ray
 from ..storage import filesystem, is_remote, redact
+from .batch_augment import BatchAugmentConfig, augment_batch
 from .losses import STAGE_TASK_WEIGHTS, multitask_loss
 
 #: Columns of the sample schema (jobs/training/schema.py) that training reads.
@@ -49,6 +50,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     ohem: bool = False  # keep only the hardest 70% of classification samples per batch
     ohem_keep: float = 0.7
+    #: Random mirror images of the crops (targets mirrored with them), drawn every time a crop is seen.
+    flip: bool = False
+    #: Random brightness, contrast and saturation, each scaled by up to 1 +- this; 0 is off.
+    color_jitter: float = 0.0
     num_workers: int = 2
     use_gpu: bool = False
     #: None: up to one each, leaving the cluster a CPU to read and decode shards with.
@@ -79,6 +84,12 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if not 0.0 < self.ohem_keep <= 1.0:
             raise ValueError(f"ohem_keep must be in (0, 1], got {self.ohem_keep!r}")
+        BatchAugmentConfig(flip=self.flip, color_jitter=self.color_jitter)  # checks color_jitter
+
+    @property
+    def batch_augment(self) -> BatchAugmentConfig:
+        """The per-batch transforms this run applies."""
+        return BatchAugmentConfig(flip=self.flip, color_jitter=self.color_jitter)
 
     @property
     def checkpoint_storage(self) -> str:
@@ -238,6 +249,8 @@ def _train_loop(loop_config: dict) -> None:
     samples = loop_config["samples"]
     batches_per_epoch = max(1, math.ceil(samples / config.batch_size))
     shard = ray.train.get_dataset_shard("train")
+    batch_augment = config.batch_augment
+    generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
 
     for epoch in range(start_epoch, config.epochs):
         _maybe_inject_failure(config, epoch)
@@ -249,12 +262,16 @@ def _train_loop(loop_config: dict) -> None:
         # [loss, n, face loss, n face, box loss, n box, landmark loss, n landmark, correct]:
         # per-task sums of loss x samples on this worker, for epoch means across all workers.
         totals = np.zeros(9)
+        generator.manual_seed(config.seed * 7919 + epoch * 101 + rank)  # resumes draw the same
         for step, batch in enumerate(shard.iter_torch_batches(
                 batch_size=worker_batch, local_shuffle_buffer_size=config.shuffle_buffer,
                 local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank, device=device)):
-            pixels = normalize_pixels(batch["pixels"].permute(0, 3, 1, 2).float())
-            kinds = batch["kind"]
-            terms = multitask_loss(model(pixels), kinds, batch["box"], batch["landmarks"],
+            pixels, kinds = batch["pixels"].permute(0, 3, 1, 2).float(), batch["kind"]
+            boxes, landmarks = batch["box"], batch["landmarks"]
+            if batch_augment.active:
+                pixels, boxes, landmarks = augment_batch(pixels, kinds, boxes, landmarks,
+                                                         batch_augment, generator)
+            terms = multitask_loss(model(normalize_pixels(pixels)), kinds, boxes, landmarks,
                                    weights, ohem_keep)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
@@ -359,7 +376,8 @@ def train_stage(config: TrainConfig) -> TrainSummary:
     dataset, samples = load_samples(config)
     print(f"[{config.stage}] {samples} samples from {config.data}; {config.epochs} epochs on "
           f"{config.num_workers} worker(s){' with GPUs' if config.use_gpu else ''}"
-          f"{', OHEM' if config.ohem else ''}", flush=True)
+          f"{', OHEM' if config.ohem else ''}{', random flips' if config.flip else ''}"
+          f"{f', colour jitter {config.color_jitter:g}' if config.color_jitter else ''}", flush=True)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": asdict(config), "samples": samples},
