@@ -250,7 +250,7 @@ def _train_loop(loop_config: dict) -> None:
     batches_per_epoch = max(1, math.ceil(samples / config.batch_size))
     shard = ray.train.get_dataset_shard("train")
     batch_augment = config.batch_augment
-    generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
+    generator = torch.Generator()  # seeded per epoch below
 
     for epoch in range(start_epoch, config.epochs):
         _maybe_inject_failure(config, epoch)
