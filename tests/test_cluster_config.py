@@ -189,3 +189,53 @@ def test_a_command_imports_only_its_own_module():
              " if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.strip().splitlines()[-1] == "['jobs.annotate']"
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_cluster_installs_the_tested_versions(cluster):
+    # Every way a cluster gets the project installs it with the set CI ran.
+    installs = [c for c in cluster["setup_commands"] if "pip install" in c]
+    assert installs and all("constraints.txt" in c for c in installs), installs
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    assert "COPY" in dockerfile and "constraints.txt ./" in dockerfile
+    runs = [line for line in dockerfile.splitlines() if line.startswith("RUN") and "pip install" in line]
+    assert runs and all("-c constraints.txt" in line for line in runs), runs
+
+
+def test_pinned_ray_matches_the_cluster_images(cluster):
+    pins = _pins()
+    docker = cluster["docker"]
+    for image in {docker["image"], docker["head_image"]} | {
+            spec["docker"]["worker_image"] for spec in cluster["available_node_types"].values()
+            if "docker" in spec}:
+        ray_version, _ = _image_tag_parts(image)
+        assert pins["ray"] == ray_version, (image, pins["ray"])
+
+
+def test_pins_satisfy_the_declared_ranges():
+    # The tested set must be one that the extras' ranges allow, or `-c` would make pip fail.
+    from packaging.requirements import Requirement
+
+    pins = _pins()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    declared = list(pyproject["project"]["dependencies"])
+    for extra in pyproject["project"]["optional-dependencies"].values():
+        declared += [r for r in extra if not r.startswith("mtcnn-jobs")]
+    assert "torch" not in pins  # the user's first command picks the torch build
+    for text in declared:
+        requirement = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if name == "torch":
+            continue
+        assert name in pins, f"{name} is required but not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (text, pins[name])
