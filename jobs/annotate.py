@@ -520,7 +520,7 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
     # detector actors, which take every CPU (or GPU share) the cluster has.
     dataset = ray.data.read_datasource(_image_source(shards, config.storage_options, state,
                                                      min(config.batch_size, BLOCK_ROWS)),
-                                       num_cpus=0)
+                                       num_cpus=0, concurrency=min(len(shards), 4))
     if separate_decode:
         dataset = dataset.map_batches(decode_batch, batch_size=config.batch_size, batch_format="pyarrow",
                                       fn_kwargs={"storage_options": config.storage_options,
