@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import re
 import struct
-
-import cv2
-import numpy as np
 
 #: Default cap on width x height, checked from the file header before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 100_000_000
+
+# OpenCV's own pixel limit (default 2^30), read once per process at its first decode: set before
+# cv2 loads so that even a format whose header this module could not size stops at the default.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+
+import cv2  # noqa: E402 - after the limit above
+import numpy as np  # noqa: E402
+
+#: Default cap on a file's size in bytes, checked before it is read whole.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+#: Formats whose header image_size reads; any other file is refused before decoding, since its
+#: pixel count cannot be checked (a 6.7 MB run-length HDR decodes to 105 megapixels).
+SIZED_FORMATS = "JPEG, PNG, BMP, GIF, WebP, TIFF, JPEG 2000, PNM/PAM/PFM, Radiance HDR, Sun raster"
 
 
 class DecodeError(ValueError):
@@ -16,10 +29,20 @@ class DecodeError(ValueError):
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG, BMP, GIF, WebP or TIFF header, or None if not found."""
+    """(width, height) from the header of any format in SIZED_FORMATS, or None if not found."""
     # OpenCV reads headers only inside imdecode, so the pixel limit needs its own small reader.
     head = bytes(data[:64])
     try:
+        if head[:2] in (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7", b"PF", b"Pf"):
+            return _pnm_size(bytes(data[:4096]))
+        if head.startswith((b"#?RADIANCE", b"#?RGBE")):
+            return _hdr_size(bytes(data[:65536]))
+        if head.startswith(b"\x59\xa6\x6a\x95") and len(head) >= 12:  # Sun raster
+            return struct.unpack(">II", head[4:12])
+        if head.startswith(b"\xff\x4f\xff\x51"):  # JPEG 2000 codestream: SIZ follows SOC
+            return _j2k_size(head, 4)
+        if head[4:12] == b"jP  \r\n\x87\n":  # JP2 file: boxes, the codestream inside
+            return _jp2_size(bytes(data[:1 << 20]))
         if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
             return struct.unpack(">II", head[16:24])
         if head.startswith(b"\xff\xd8"):
@@ -35,6 +58,49 @@ def image_size(data: bytes) -> tuple[int, int] | None:
             return _tiff_size(data)
     except struct.error:
         return None  # header cut short: imdecode reports the file as truncated
+    return None
+
+
+def _pnm_size(head: bytes) -> tuple[int, int] | None:
+    if head[:2] == b"P7":  # PAM: WIDTH and HEIGHT lines
+        width = re.search(rb"\nWIDTH\s+(\d+)", head)
+        height = re.search(rb"\nHEIGHT\s+(\d+)", head)
+        return (int(width[1]), int(height[1])) if width and height else None
+    # Width and height are the first two numbers after the magic, comments (#...) aside.
+    body = re.sub(rb"#[^\n]*", b" ", head[2:])
+    numbers = re.findall(rb"\d+", body[:1024])
+    return (int(numbers[0]), int(numbers[1])) if len(numbers) >= 2 else None
+
+
+def _hdr_size(head: bytes) -> tuple[int, int] | None:
+    # After the header's blank line: "-Y height +X width" (or another of the 8 orientations).
+    match = re.search(rb"\n\n([-+][YX])\s+(\d+)\s+([-+][YX])\s+(\d+)", head)
+    if not match:
+        return None
+    first, second = int(match[2]), int(match[4])
+    return (second, first) if match[1].endswith(b"Y") else (first, second)
+
+
+def _j2k_size(data: bytes, siz: int) -> tuple[int, int] | None:
+    # SIZ: marker, length, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz (grid size less the image offset).
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[siz + 6:siz + 22])
+    return xsiz - xo, ysiz - yo
+
+
+def _jp2_size(data: bytes) -> tuple[int, int] | None:
+    position = 0
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        if kind == b"jp2h":  # header superbox: its first child is ihdr (height, width)
+            if data[position + 12:position + 16] == b"ihdr":
+                height, width = struct.unpack(">II", data[position + 16:position + 24])
+                return width, height
+            return None
+        if length == 1:
+            length = struct.unpack(">Q", data[position + 8:position + 16])[0]
+        if length < 8:
+            return None
+        position += length
     return None
 
 
@@ -95,13 +161,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
     size = image_size(data)
-    if size is not None:
-        width, height = size
-        if width * height > max_pixels:
-            raise DecodeError(f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over "
-                              f"the limit of {max_pixels / 1e6:g}; raise --max-pixels to annotate it")
-        if width == 0 or height == 0:
-            raise DecodeError(f"image header says {width}x{height}: no pixels")
+    if size is None:
+        if _looks_truncated_header(data):
+            raise DecodeError("truncated or corrupt image: its header is cut short")
+        raise DecodeError(f"not an image whose size can be read before decoding (annotated formats: "
+                          f"{SIZED_FORMATS}); convert it to one of them")
+    width, height = size
+    if width * height > max_pixels:
+        raise DecodeError(f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over "
+                          f"the limit of {max_pixels / 1e6:g}; raise --max-pixels to annotate it")
+    if width == 0 or height == 0:
+        raise DecodeError(f"image header says {width}x{height}: no pixels")
     if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
         # libjpeg fills a cut-off scan with grey and only warns; no end marker after the last
         # scan header means the file was cut short (a download or copy that did not finish).
@@ -118,6 +188,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             "not an image OpenCV can read (expected JPEG, PNG, BMP, WebP or TIFF)"
         raise DecodeError(kind)
     return to_uint8_rgb(image)
+
+
+def _looks_truncated_header(data: bytes) -> bool:
+    """Whether the file starts like a sized format but ends before its size fields."""
+    return len(data) < 64 and data[:2] in (b"\xff\xd8", b"\x89P", b"BM", b"GI", b"RI", b"II", b"MM")
 
 
 def to_uint8_rgb(image: np.ndarray) -> np.ndarray:

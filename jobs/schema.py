@@ -27,12 +27,17 @@ ANNOTATION_SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("faces", pa.list_(FACE_TYPE)),
     pa.field("error", pa.string()),
+    # 'permanent' (the file's own fault: final) or 'transient' (redone by the next run); null if no error.
+    pa.field("error_kind", pa.string()),
 ])
 
 
 def annotation_table(paths: list[str], sizes: list[tuple[int, int] | None],
-                     detections: list[Detections | None], errors: list[str | None]) -> pa.Table:
+                     detections: list[Detections | None], errors: list[str | None],
+                     error_kinds: list[str | None] | None = None) -> pa.Table:
     """Rows of the output schema: one per path, faces null-free (an empty list when none)."""
+    if error_kinds is None:
+        error_kinds = ["permanent" if error is not None else None for error in errors]
     count = len(paths)
     face_counts = np.array([len(d) if d is not None else 0 for d in detections], dtype=np.int32)
     offsets = np.zeros(count + 1, dtype=np.int32)
@@ -57,7 +62,8 @@ def annotation_table(paths: list[str], sizes: list[tuple[int, int] | None],
     widths = pa.array([s[0] if s else None for s in sizes], pa.int32())
     heights = pa.array([s[1] if s else None for s in sizes], pa.int32())
     return pa.Table.from_arrays([pa.array(paths, pa.string()), widths, heights, faces,
-                                 pa.array(errors, pa.string())], schema=ANNOTATION_SCHEMA)
+                                 pa.array(errors, pa.string()), pa.array(error_kinds, pa.string())],
+                                schema=ANNOTATION_SCHEMA)
 
 
 def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: dict,

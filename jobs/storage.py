@@ -6,7 +6,6 @@ import json
 import os
 
 import fsspec
-from fsspec.core import url_to_fs
 
 # Keys whose values must never reach logs, job metadata or outputs.
 SECRET_KEYS = ("key", "secret", "token", "password", "session", "credential")
@@ -37,16 +36,36 @@ def redact(value):
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a path or URL and the path inside it."""
+    """The fsspec filesystem for a path or URL and the path inside it, taken literally.
+
+    Not fsspec's url_to_fs: that reads '::' as URL chaining and may expand globs, so a file named
+    'a::b.jpg' or a folder with '[' in its name would be another file, or none.
+    """
     options = dict(storage_options or {})
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    protocol = url.split("://", 1)[0] if is_remote(url) else "file"
     if protocol in ("s3", "s3a") and "AWS_ENDPOINT_URL" in os.environ:
         # botocore reads AWS_ENDPOINT_URL itself in recent versions; passing it explicitly keeps
         # S3-compatible stores (MinIO, moto) working with older ones too.
         options.setdefault("client_kwargs", {}).setdefault("endpoint_url", os.environ["AWS_ENDPOINT_URL"])
-    return url_to_fs(url, **options)
+    if protocol == "file":
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return fsspec.filesystem("file", **options), os.path.abspath(os.path.expanduser(path))
+    fs = fsspec.filesystem(protocol, **options)
+    return fs, url.split("://", 1)[1].rstrip("/") if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs")\
+        else fs._strip_protocol(url)
 
 
 def is_remote(url: str) -> bool:
     """Whether a path is an object-store (or other non-local) URL."""
-    return "://" in url and not url.startswith("file://")
+    head = url.split("/", 1)[0]
+    return head.endswith(":") and url[len(head):].startswith("//") and not url.startswith("file://")
+
+
+def protocol_prefix(url: str) -> str:
+    """'s3://' for an s3:// URL, '' for a local path: what turns a filesystem path back into the URL."""
+    return url.split("://", 1)[0] + "://" if is_remote(url) else ""
+
+
+def join(root: str, name: str) -> str:
+    """A name inside a folder or prefix (object-store paths always use '/')."""
+    return root.rstrip("/") + "/" + name

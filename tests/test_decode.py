@@ -124,3 +124,27 @@ def test_truncated_empty_and_non_images_raise_with_reasons(rgb):
     big = encode(".png", np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8))
     with pytest.raises(DecodeError, match="truncated"):
         decode_image(big[:len(big) // 2])
+
+
+@pytest.mark.parametrize("extension", [".hdr", ".ppm", ".pgm", ".pbm", ".pam", ".pfm", ".ras", ".jp2",
+                                       ".tiff", ".webp", ".bmp", ".png", ".jpg"])
+def test_pixel_limit_holds_for_every_format_opencv_writes(extension):
+    # A run-length HDR of 105 megapixels is 6.7 MB: the limit must come from the header, never
+    # from decoding. Each format OpenCV can write is sized and refused before any pixel.
+    pixels = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    if extension in (".pgm", ".pbm"):
+        pixels = pixels[:, :, 0]
+    if extension in (".hdr", ".pfm"):
+        pixels = pixels.astype(np.float32) / 255
+    ok, encoded = cv2.imencode(extension, pixels)
+    assert ok
+    assert image_size(encoded.tobytes()) == (300, 200)
+    with pytest.raises(DecodeError, match="over the limit"):
+        decode_image(encoded.tobytes(), max_pixels=1000)
+    assert decode_image(encoded.tobytes()).shape == (200, 300, 3)
+
+
+def test_a_format_whose_size_cannot_be_read_is_refused_before_decoding():
+    header = b"\x00\x00\x00\x1cftypavif" + bytes(100)  # AVIF-like: no header parser
+    with pytest.raises(DecodeError, match="size can be read before decoding"):
+        decode_image(header)

@@ -1,0 +1,148 @@
+"""Reading one image for the job: byte and pixel limits, retries, and whose fault a failure is.
+
+A failure is *permanent* when it is the file's own (gone, not an image, over a limit): the row is
+final. It is *transient* when anything else is to blame (network, throttling, credentials, time
+outs, memory, the detector): such rows are written with error_kind 'transient' and redone by the
+next run. Transient reads are retried here first, with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .storage import filesystem
+
+PERMANENT = "permanent"
+TRANSIENT = "transient"
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """Limits and retries for reading images."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    #: Attempts after the first for a transient failure; waits of backoff_seconds * 2**attempt.
+    retries: int = 4
+    backoff_seconds: float = 0.5
+
+
+@dataclass
+class ReadFailure(Exception):
+    """Why an image could not be read, and whether that is final."""
+
+    reason: str
+    kind: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class _Permanent(Exception):
+    """A failure that retrying cannot fix, with its message for the row."""
+
+
+def read_bytes(path: str, storage_options: dict, policy: ReadPolicy) -> bytes:
+    """The file's bytes, retried on transient failures; raises ReadFailure."""
+    attempt = 0
+    while True:
+        try:
+            return _read_once(path, storage_options, policy.max_bytes)
+        except _Permanent as error:
+            raise ReadFailure(str(error), PERMANENT) from None
+        except Exception as error:  # noqa: BLE001 - classified below
+            reason, kind = classify(error)
+            if kind == PERMANENT or attempt >= policy.retries:
+                raise ReadFailure(reason, kind) from None
+        time.sleep(policy.backoff_seconds * 2 ** attempt)
+        attempt += 1
+
+
+def read_image(path: str, storage_options: dict, policy: ReadPolicy) -> np.ndarray:
+    """RGB pixels of one image as displayed; raises ReadFailure with its kind."""
+    data = read_bytes(path, storage_options, policy)
+    try:
+        return decode_image(data, policy.max_pixels)
+    except DecodeError as error:
+        raise ReadFailure(str(error), PERMANENT) from None
+    except MemoryError:
+        raise ReadFailure("out of memory decoding the image; lower --max-pixels or --batch-size",
+                          TRANSIENT) from None
+
+
+def classify(error: BaseException) -> tuple[str, str]:
+    """(message for the row, 'permanent' or 'transient') for an exception from reading a file."""
+    text = first_line(error)
+    if isinstance(error, FileNotFoundError):
+        if "bucket" in text.lower():
+            # s3fs reports a missing bucket as FileNotFoundError: the input's fault, not the file's.
+            return f"no such bucket: {text}", TRANSIENT
+        return "file not found (moved or deleted after listing?)", PERMANENT
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not an image file", PERMANENT
+    if isinstance(error, PermissionError):
+        # Locally a mode bit, remotely missing or expired credentials: fixable, so not final.
+        return f"permission denied reading the file: {text}", TRANSIENT
+    if isinstance(error, MemoryError):
+        return "out of memory reading the file", TRANSIENT
+    name = type(error).__name__
+    return f"cannot read: {name}: {text}", TRANSIENT
+
+
+def _read_once(path: str, storage_options: dict, max_bytes: int) -> bytes:
+    inject_read_failure(path)
+    fs, inner = filesystem(path, storage_options)
+    with fs.open(inner, "rb") as handle:
+        size = getattr(handle, "size", None)
+        if size is None:
+            size = fs.size(inner)
+        if size is not None and size > max_bytes:
+            raise _Permanent(f"file is {size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:g} MB; "
+                             "raise --max-bytes to annotate it")
+        # One byte past the limit tells a file that grew (or a size the store did not give).
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _Permanent(f"file is over the limit of {max_bytes / 1e6:g} MB; raise --max-bytes to annotate it")
+    return data
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type when there is none."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+# -- fault injection -------------------------------------------------------------------------
+# MTCNN_JOBS_FAILPOINTS, for tests of the job's fault handling with real processes:
+#   "fail_reads=N:TEXT"  the first N reads in a process of each path containing TEXT raise
+#                        ConnectionError (a transient failure)
+#   "kill_on=TEXT"       the process reading a path containing TEXT kills itself with SIGKILL
+# Unset (always, outside tests) it costs one dictionary lookup per read.
+
+_reads_failed: dict[str, int] = {}
+
+
+def _failpoints() -> dict[str, str]:
+    spec = os.environ.get("MTCNN_JOBS_FAILPOINTS", "")
+    return dict(item.split("=", 1) for item in spec.split(";") if "=" in item)
+
+
+def inject_read_failure(path: str) -> None:
+    """Apply MTCNN_JOBS_FAILPOINTS to a read of path (a no-op when it is unset)."""
+    if "MTCNN_JOBS_FAILPOINTS" not in os.environ:
+        return
+    points = _failpoints()
+    if "kill_on" in points and points["kill_on"] in path:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "fail_reads" in points:
+        count, text = points["fail_reads"].split(":", 1)
+        if text in path and _reads_failed.get(path, 0) < int(count):
+            _reads_failed[path] = _reads_failed.get(path, 0) + 1
+            raise ConnectionError(f"injected transient failure {_reads_failed[path]} of {count}")
