@@ -1,40 +1,46 @@
-"""mtcnn-jobs annotate: Ray Data streams images through the cascade into Parquet, one row per image."""
+"""mtcnn-jobs annotate: Ray Data streams images through the cascade into Parquet, one row per image.
+
+The pipeline: list (read tasks, in chunks, leaving out what is done) -> [decode tasks, on GPU
+clusters] -> FaceAnnotator actors -> commit tasks that write the Parquet parts. The driver only
+plans, holds the OUTPUT's lease, and reads small commit records for the summary.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
-import os
 import sys
+import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from jobs.detector_args import add_detector_arguments, detector_config
 from mtcnn import DetectorConfig, FaceDetector, load_weights
 from mtcnn.weights import CascadeWeights
 
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from .parts import (Lease, OutputError, commit_file, committed_parts, new_owner, parquet_bytes,
+                    part_name, remove_stale_temporaries)
+from .progress import ProgressLine
+from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_bytes, read_image
+from .run_state import MAX_STRIKES, RunState, path_digests
 from .schema import (ANNOTATION_SCHEMA, annotation_table, read_metadata, run_metadata, settings_of,
                      with_metadata)
-from .sources import InputError, list_inputs
-from .storage import filesystem, is_remote, parse_storage_options, redact
+from .sources import CHUNK_PATHS, InputError, ListingShard, plan_shards
+from .storage import filesystem, is_remote, join, parse_storage_options, redact
 
 log = logging.getLogger(__name__)
 
-#: Output files are named part-<run>-<sequence>.parquet; only these count as results.
-PART_PREFIX = "part-"
 
-
-class OutputError(ValueError):
-    """OUTPUT cannot be written, or holds results of incompatible settings."""
+class JobStopped(RuntimeError):
+    """The run stopped before annotating anything, for a reason that is not any image's fault."""
 
 
 @dataclass
@@ -52,16 +58,23 @@ class AnnotateConfig:
     num_gpus: float = 0.0
     #: CPUs per detector actor; also its torch threads. None: 1.
     cpus_per_actor: float | None = None
-    #: Detector actors; None: as many as the cluster's GPUs (or CPUs) allow.
-    concurrency: int | None = None
+    #: Detector actors: a fixed count, or (min, max) for a pool that grows with the cluster.
+    #: None: as many as the cluster's GPUs (or CPUs) allow now, growing to twice that.
+    concurrency: int | tuple[int, int] | None = None
     #: Images per detector call.
     batch_size: int = 16
     storage_options: dict = field(default_factory=dict)
     overwrite: bool = False
+    #: Redo every error row of earlier runs (by default only transient ones are redone).
+    retry_errors: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    #: A Parquet file is committed after this many rows, or flush_seconds, whichever comes first.
-    rows_per_file: int = 100_000
-    flush_seconds: float = 300.0
+    max_bytes: int = DEFAULT_MAX_BYTES
+    #: Retries of a transient read failure, with exponential backoff from 0.5 s.
+    read_retries: int = 4
+    #: Decoded pixels an actor holds at once; a batch is cut into detector calls under it.
+    pixels_in_flight: int = 64_000_000
+    #: Rows per Parquet part (a part is committed when it is full, or at the end).
+    rows_per_file: int = 4096
     #: Decode in separate CPU tasks (True), inside the detector actors (False), or None: only
     #: when the actors use GPUs, so that CPUs feed them; on CPUs it saves copying pixels around.
     separate_decode: bool | None = None
@@ -70,16 +83,21 @@ class AnnotateConfig:
     def __post_init__(self) -> None:
         if self.num_gpus < 0:
             raise ValueError(f"--num-gpus must be 0 or more, got {self.num_gpus}")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
+        low, high = _bounds(self.concurrency)
+        if low is not None and (low < 1 or high < low):
+            raise ValueError(f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.concurrency}")
         if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
             raise ValueError(f"--cpus-per-actor must be positive, got {self.cpus_per_actor}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_pixels < 1:
-            raise ValueError(f"--max-pixels must be at least 1, got {self.max_pixels}")
-        if self.rows_per_file < 1:
-            raise ValueError(f"rows_per_file must be at least 1, got {self.rows_per_file}")
+        for name in ("batch_size", "max_pixels", "max_bytes", "rows_per_file", "pixels_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.read_retries < 0:
+            raise ValueError(f"--read-retries must be 0 or more, got {self.read_retries}")
+
+    @property
+    def read_policy(self) -> ReadPolicy:
+        """The limits and retries for reading images."""
+        return ReadPolicy(max_pixels=self.max_pixels, max_bytes=self.max_bytes, retries=self.read_retries)
 
 
 @dataclass
@@ -91,6 +109,7 @@ class AnnotateSummary:
     images: int = 0
     faces: int = 0
     errors: int = 0
+    transient: int = 0
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
 
@@ -101,55 +120,124 @@ class AnnotateSummary:
 
     def line(self) -> str:
         """One-line report for the end of a run."""
-        return (f"annotated {self.images} images ({self.skipped} already done), {self.faces} faces, "
+        text = (f"annotated {self.images} images ({self.skipped} already done), {self.faces} faces, "
                 f"{self.errors} errors, {self.images_per_second:.2f} images/s "
                 f"in {self.seconds:.1f} s; {len(self.files)} files written")
+        if self.transient:
+            text += f"; {self.transient} transient errors will be retried by the next run"
+        return text
 
 
-# -- workers --------------------------------------------------------------------------------
+# -- listing ---------------------------------------------------------------------------------
 
-def read_image(path: str, storage_options: dict, max_pixels: int):
-    """(pixels, None) for a readable image, or (None, reason) when it cannot be annotated."""
-    try:
-        fs, inner = filesystem(path, storage_options)
-        with fs.open(inner, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        return None, "file not found (moved or deleted after listing?)"
-    except IsADirectoryError:
-        return None, "is a folder, not an image file"
-    except PermissionError:
-        return None, "permission denied reading the file"
-    except Exception as error:  # network and object-store errors come in many types
-        return None, f"cannot read: {type(error).__name__}: {_first_line(error)}"
-    try:
-        return decode_image(data, max_pixels), None
-    except DecodeError as error:
-        return None, str(error)
-    except MemoryError:
-        return None, "out of memory decoding the image; lower --max-pixels or --batch-size"
+#: Largest block of paths the listing yields.
+BLOCK_ROWS = 256
 
 
-def decode_batch(batch: pa.Table, storage_options: dict, max_pixels: int) -> pa.Table:
+def _image_source(shards: list[ListingShard], storage_options: dict, state, first_block_rows: int):
+    """A Ray Datasource reading the shards' chunks, each trimmed to the paths this run annotates."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    def read_shard(shard: ListingShard):
+        import ray
+
+        # Blocks start small and grow to BLOCK_ROWS, so a short job still spreads over every
+        # actor while a long one moves few, large blocks (16 detector batches each).
+        block_rows = first_block_rows
+        for number, chunk in enumerate(shard.chunks(storage_options, CHUNK_PATHS)):
+            keep = ray.get(state.claim.remote(path_digests(chunk), f"{shard.index}:{number}"))
+            paths = pa.array(np.array(chunk, dtype=object)[keep], pa.string())
+            start = 0
+            while start < len(paths):
+                yield pa.table({"path": paths.slice(start, block_rows)})
+                start += block_rows
+                block_rows = min(2 * block_rows, BLOCK_ROWS)
+        state.shard_listed.remote()
+
+    class ImageSource(Datasource):
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [ReadTask(lambda shard=shard: read_shard(shard),
+                             BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
+                                           exec_stats=None))
+                    for shard in shards]
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_name(self):
+            return "ListImages"
+
+    return ImageSource()
+
+
+# -- workers ---------------------------------------------------------------------------------
+
+def decode_batch(batch: pa.Table, storage_options: dict, policy: ReadPolicy, state=None) -> pa.Table:
     """Read and decode a batch of paths into raw RGB pixels with their sizes (or an error)."""
     paths = batch.column("path").to_pylist()
-    pixels, widths, heights, errors = [], [], [], []
+    journal = _Journal(state, paths)
+    pixels, widths, heights, errors, kinds = [], [], [], [], []
     for path in paths:
-        image, error = read_image(path, storage_options, max_pixels)
+        image, error, kind = None, journal.poisoned(path), PERMANENT
+        if error is None:
+            journal.working_on([path])
+            try:
+                image = read_image(path, storage_options, policy)
+            except ReadFailure as failure:
+                error, kind = failure.reason, failure.kind
         pixels.append(image.tobytes() if image is not None else None)
         widths.append(image.shape[1] if image is not None else None)
         heights.append(image.shape[0] if image is not None else None)
         errors.append(error)
+        kinds.append(kind if error is not None else None)
+    journal.finish()
     return pa.table({"path": pa.array(paths, pa.string()), "pixels": pa.array(pixels, pa.large_binary()),
                      "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32()),
-                     "error": pa.array(errors, pa.string())})
+                     "error": pa.array(errors, pa.string()), "error_kind": pa.array(kinds, pa.string())})
+
+
+class _Journal:
+    """A batch's entries in the run's crash journal (no-ops without a run state)."""
+
+    def __init__(self, state, paths: list[str]) -> None:
+        import ray
+
+        self.state, self.token = state, part_name(paths)
+        self.strikes = ray.get(state.start.remote(self.token, paths)) if state is not None else {}
+
+    def poisoned(self, path: str) -> str | None:
+        """The error for an image that has killed its worker MAX_STRIKES times, else None."""
+        strikes = self.strikes.get(path, 0)
+        if strikes >= MAX_STRIKES:
+            return (f"the worker process died {strikes} times while this image was being read, "
+                    "decoded or detected (a file that crashes the decoder, or needs more memory "
+                    "than the worker has); left out")
+        return None
+
+    def suspect(self, path: str) -> bool:
+        """Whether the image was in flight at an earlier death of a worker (so goes alone)."""
+        return self.strikes.get(path, 0) > 0
+
+    def working_on(self, paths: list[str]) -> None:
+        """Record what is about to be decoded and detected, before doing it."""
+        if self.state is not None:
+            import ray
+
+            ray.get(self.state.working_on.remote(self.token, paths))
+
+    def finish(self) -> None:
+        """The batch is done."""
+        if self.state is not None:
+            self.state.finish.remote(self.token)
 
 
 class FaceAnnotator:
     """Ray Data actor: builds the detector once, then annotates batches of images."""
 
     def __init__(self, weights: CascadeWeights, detector: DetectorConfig, use_gpu: bool,
-                 threads: int, storage_options: dict, max_pixels: int) -> None:
+                 threads: int, storage_options: dict, policy: ReadPolicy,
+                 pixels_in_flight: int = 64_000_000, state=None) -> None:
         import torch
 
         device = "cpu"
@@ -163,224 +251,296 @@ class FaceAnnotator:
             torch.set_num_threads(threads)
         self.detector = FaceDetector(weights, device=device, config=detector)
         self.storage_options = storage_options
-        self.max_pixels = max_pixels
+        self.policy = policy
+        self.pixels_in_flight = pixels_in_flight
+        self.state = state
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import numpy as np
-
-        if "pixels" not in batch.column_names:
-            batch = decode_batch(batch, self.storage_options, self.max_pixels)
         paths = batch.column("path").to_pylist()
-        errors = batch.column("error").to_pylist()
-        sizes = list(zip(batch.column("width").to_pylist(), batch.column("height").to_pylist()))
-        images, where = [], []
-        for index, (pixels, (width, height)) in enumerate(zip(batch.column("pixels").to_pylist(), sizes)):
-            if pixels is not None:
-                images.append(np.frombuffer(pixels, np.uint8).reshape(height, width, 3))
-                where.append(index)
-        detections = [None] * len(paths)
-        for index, found in zip(where, self._detect(images, errors, where)):
-            detections[index] = found
-        sizes = [size if detections[i] is not None else None for i, size in enumerate(sizes)]
-        return annotation_table(paths, sizes, detections, errors)
+        count = len(paths)
+        sizes: list = [None] * count
+        detections: list = [None] * count
+        errors: list = [None] * count
+        kinds: list = [None] * count
+        decoded = "pixels" in batch.column_names
+        if decoded:
+            # Decode tasks made the pixels (GPU clusters); their errors come with them.
+            errors = batch.column("error").to_pylist()
+            kinds = batch.column("error_kind").to_pylist()
+            pixels = batch.column("pixels").to_pylist()
+            shapes = list(zip(batch.column("height").to_pylist(), batch.column("width").to_pylist()))
+        journal = _Journal(self.state, paths)
+        group: list[tuple[int, np.ndarray]] = []
+        group_pixels = 0
 
-    def _detect(self, images, errors, where):
-        """Detections per image: one call for the batch, one per image if it fails (one cannot sink all)."""
+        def detect_group() -> None:
+            nonlocal group, group_pixels
+            if group:
+                for (index, image), found in zip(group, self._detect([image for _, image in group])):
+                    if isinstance(found, str):
+                        errors[index], kinds[index] = found, TRANSIENT
+                    else:
+                        detections[index] = found
+                        sizes[index] = (image.shape[1], image.shape[0])
+            group, group_pixels = [], 0
+
+        for index, path in enumerate(paths):
+            if errors[index] is not None:
+                continue
+            poison = journal.poisoned(path)
+            if poison is not None:
+                errors[index], kinds[index] = poison, PERMANENT
+                continue
+            alone = journal.suspect(path)
+            if alone:
+                # Split: an image that was in flight when a worker died is tried on its own.
+                detect_group()
+                journal.working_on([path])
+            elif not group:
+                journal.working_on([p for i, p in enumerate(paths[index:], index)
+                                    if errors[i] is None and not journal.suspect(p)])
+            try:
+                if decoded:
+                    image = np.frombuffer(pixels[index], np.uint8).reshape(*shapes[index], 3)
+                else:
+                    image = read_image(path, self.storage_options, self.policy)
+            except ReadFailure as failure:
+                errors[index], kinds[index] = failure.reason, failure.kind
+                continue
+            group.append((index, image))
+            group_pixels += image.shape[0] * image.shape[1]
+            if alone or group_pixels >= self.pixels_in_flight:
+                detect_group()
+        detect_group()
+        journal.finish()
+        table = annotation_table(paths, sizes, detections, errors, kinds)
+        if self.state is not None:
+            failed = sum(error is not None for error in errors)
+            self.state.add.remote(count, int(sum(len(d) for d in detections if d is not None)), failed,
+                                  sum(kind == TRANSIENT for kind in kinds))
+        return table
+
+    def _detect(self, images: list[np.ndarray]) -> list:
+        """Detections per image, or an error string: one call, then one per image if it fails."""
         # On CPU the detector itself takes the images one at a time over the actor's threads.
         try:
             return self.detector.detect(images)
         except Exception:  # noqa: BLE001 - narrowed to the culprit below
             pass
         results = []
-        for image, index in zip(images, where):
+        for image in images:
             try:
                 results.append(self.detector.detect([image])[0])
             except Exception as error:  # noqa: BLE001 - the row records it
-                errors[index] = f"detection failed: {type(error).__name__}: {_first_line(error)}"
-                results.append(None)
+                results.append(f"detection failed: {type(error).__name__}: {first_line(error)}")
         return results
 
 
-# -- output ---------------------------------------------------------------------------------
-
-class PartWriter:
-    """Commits rows to OUTPUT as part files, each written whole or not at all."""
-
-    def __init__(self, output: str, storage_options: dict, metadata: dict) -> None:
-        self.fs, self.root = filesystem(output, storage_options)
-        self.local = not is_remote(output)
-        if self.local:
-            os.makedirs(self.root, exist_ok=True)
-        self.schema = with_metadata(ANNOTATION_SCHEMA, metadata)
-        self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-        self.written: list[str] = []
-
-    def write(self, table: pa.Table) -> str:
-        """Commit one file of rows and return its path."""
-        name = f"{PART_PREFIX}{self.run_id}-{len(self.written):05d}.parquet"
-        final = _join(self.root, name)
-        table = table.cast(self.schema)
-        if self.local:
-            # A rename is atomic: readers and resumed runs never see half a file.
-            temporary = _join(self.root, f".{name}.tmp")
-            pq.write_table(table, temporary, filesystem=None)
-            os.replace(temporary, final)
-        else:
-            # An object-store PUT (or multipart upload) only appears once complete.
-            with self.fs.open(final, "wb") as handle:
-                pq.write_table(table, handle)
-        self.written.append(final)
-        return final
+def commit_rows(batch: pa.Table, output: str, storage_options: dict, metadata: str,
+                retries: int = 4) -> pa.Table:
+    """Write a batch of rows as one part of OUTPUT; its commit record (file, rows, faces, errors)."""
+    schema = with_metadata(ANNOTATION_SCHEMA, json.loads(metadata))
+    table = batch.select(ANNOTATION_SCHEMA.names).cast(schema)
+    data = parquet_bytes(table)
+    name = part_name(table.column("path").to_pylist())
+    for attempt in range(retries + 1):
+        try:
+            path = commit_file(output, name, data, storage_options)
+            break
+        except OSError:
+            # The store is unreachable for a moment; the part is whole in memory, so wait and
+            # try again. The last failure fails the task, which Ray Data retries.
+            if attempt == retries:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+    kinds = table.column("error_kind")
+    return pa.table({
+        "file": [path], "rows": [table.num_rows],
+        "faces": [int(pc.sum(pc.list_value_length(table.column("faces"))).as_py() or 0)],
+        "errors": [table.num_rows - table.column("error").null_count],
+        "transient": [int(pc.sum(pc.equal(kinds, TRANSIENT)).as_py() or 0)],
+    })
 
 
-def prepare_output(config: AnnotateConfig, settings: dict) -> set[str]:
-    """Check OUTPUT is writable, clear or read it; the paths already annotated there."""
+# -- before the run --------------------------------------------------------------------------
+
+def check_output(config: AnnotateConfig, settings: dict) -> list[str]:
+    """Check OUTPUT can be written and holds results of these settings; its committed parts."""
     try:
         fs, root = filesystem(config.output, config.storage_options)
         if not is_remote(config.output):
-            os.makedirs(root, exist_ok=True)
-            for stale in fs.glob(_join(root, f".{PART_PREFIX}*.tmp")):
-                fs.rm(stale)  # half-written files of a run that was stopped
-        probe = _join(root, f"_write_test-{uuid.uuid4().hex[:8]}")
-        with fs.open(probe, "wb") as handle:
-            handle.write(b"ok")
-        fs.rm(probe)
-        parts = sorted(fs.glob(_join(root, f"{PART_PREFIX}*.parquet")))
+            fs.makedirs(root, exist_ok=True)
+        probe = join(root, f"_write_test-{new_owner().rsplit(':', 1)[-1]}")
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+        parts = committed_parts(config.output, config.storage_options)
     except Exception as error:  # noqa: BLE001 - any failure here means the run cannot start
-        raise OutputError(f"OUTPUT {config.output} is not writable: {_first_line(error)}") from None
-    if not parts:
-        return set()
-    if config.overwrite:
-        fs.rm(parts)
-        log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
-        return set()
-    with fs.open(parts[0], "rb") as handle:
-        earlier = read_metadata(pq.read_schema(handle)) or {}
-    if settings_of(earlier) != settings:
-        raise OutputError(
-            f"OUTPUT {config.output} holds results made with other settings "
-            f"({_difference(settings_of(earlier), settings)}); pass --overwrite to replace them "
-            f"or choose another OUTPUT")
-    done = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=["path"])
-    return set(done.column("path").to_pylist())
+        raise OutputError(f"OUTPUT {config.output} is not writable: {first_line(error)}") from None
+    if parts and not config.overwrite:
+        with fs.open(parts[0], "rb") as handle:
+            earlier = read_metadata(pq.read_schema(handle)) or {}
+        if settings_of(earlier) != settings:
+            raise OutputError(
+                f"OUTPUT {config.output} holds results made with other settings "
+                f"({_difference(settings_of(earlier), settings)}); pass --overwrite to replace them "
+                f"or choose another OUTPUT")
+    return parts
 
 
-# -- the job --------------------------------------------------------------------------------
+def probe_reads(shards: list[ListingShard], storage_options: dict, policy: ReadPolicy,
+                count: int = 8) -> str | None:
+    """The one reason why the first images of the listing all fail not by their own fault, or None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    first: list[str] = []
+    for shard in shards:
+        for chunk in shard.chunks(storage_options, count):
+            first += chunk[:count - len(first)]
+            break
+        if len(first) >= count:
+            break
+    if not first:
+        return None
+
+    def outcome(path: str):
+        try:
+            read_bytes(path, storage_options, policy)
+            return None
+        except ReadFailure as failure:
+            return failure
+
+    with ThreadPoolExecutor(len(first)) as pool:
+        failures = list(pool.map(outcome, first))
+    if all(f is not None and f.kind == TRANSIENT for f in failures) and \
+            len({f.reason for f in failures}) == 1:
+        return failures[0].reason
+    return None
+
+
+# -- the job ---------------------------------------------------------------------------------
 
 def annotate(config: AnnotateConfig,
              on_rows: Callable[[AnnotateSummary], None] | None = None) -> AnnotateSummary:
-    """Run the annotate job; on_rows is called after each batch of rows arrives."""
+    """Run the annotate job; on_rows is called with the progress counts as they change."""
     import ray
 
     from .ray_env import init_ray
 
     started = time.perf_counter()
+    # Everything that can be wrong is checked before OUTPUT is touched: inputs, weights, cluster.
     weights = config.weights if isinstance(config.weights, CascadeWeights) \
         else load_weights(config.weights)
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
-                            redact(weights.provenance), config.detector,
-                            config.max_pixels)
+                            redact(weights.provenance), config.detector, config.max_pixels,
+                            config.max_bytes)
     metadata["device"] = "cuda" if config.num_gpus > 0 else "cpu"
-    paths = list_inputs(config.input, config.storage_options)
-    done = prepare_output(config, settings_of(metadata))
-    pending = [path for path in paths if path not in done]
-    summary = AnnotateSummary(listed=len(paths), skipped=len(paths) - len(pending))
-    log.info("%d images listed under %s; %d already annotated in %s, %d to do",
-             len(paths), config.input, summary.skipped, config.output, len(pending))
-    if not pending:
-        summary.seconds = time.perf_counter() - started
-        return summary
-
+    shards = plan_shards(config.input, config.storage_options)
+    parts = check_output(config, settings_of(metadata))
     init_ray(config.address)
-    from ray.data import DataContext
+    resources = ray.cluster_resources()
+    if config.num_gpus > 0 and resources.get("GPU", 0) <= 0:
+        raise ValueError(f"--num-gpus {config.num_gpus} asks for GPUs but the Ray cluster has none; "
+                         "drop --num-gpus to run on CPUs, or connect to a GPU cluster with --address")
 
-    context = DataContext.get_current()
-    context.enable_progress_bars = config.show_progress
-    context.execution_options.preserve_order = False
-
-    dataset = _build_dataset(pending, config, weights, ray.cluster_resources())
-    writer = PartWriter(config.output, config.storage_options, metadata)
-    buffered: list[pa.Table] = []
-    buffered_rows, last_flush, last_report = 0, time.monotonic(), time.monotonic()
-
-    def flush() -> None:
-        nonlocal buffered, buffered_rows, last_flush
-        if buffered_rows:
-            path = writer.write(pa.concat_tables(buffered))
-            summary.files.append(path)
-            log.info("wrote %s (%d rows)", path, buffered_rows)
-        buffered, buffered_rows, last_flush = [], 0, time.monotonic()
-
+    lease = Lease(config.output, config.storage_options, new_owner())
+    lease.acquire()
+    summary = AnnotateSummary()
     try:
-        for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = rows.select(ANNOTATION_SCHEMA.names)
-            buffered.append(rows)
-            buffered_rows += rows.num_rows
-            summary.images += rows.num_rows
-            summary.errors += rows.num_rows - rows.column("error").null_count
-            faces = rows.column("faces")
-            summary.faces += int(pc.sum(pc.list_value_length(faces)).as_py() or 0)
-            if buffered_rows >= config.rows_per_file or \
-                    time.monotonic() - last_flush >= config.flush_seconds:
-                flush()
-            if time.monotonic() - last_report >= 30:
-                last_report = time.monotonic()
-                rate = summary.images / (time.perf_counter() - started)
-                log.info("%d/%d images, %d faces, %d errors, %.2f images/s",
-                         summary.images, len(pending), summary.faces, summary.errors, rate)
-            if on_rows is not None:
-                on_rows(summary)
+        if config.overwrite and parts:
+            fs, _ = filesystem(config.output, config.storage_options)
+            for path in parts:
+                fs.rm_file(path)
+            log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
+            parts = []
+        remove_stale_temporaries(config.output)
+        dedupe = any(shard.kind in ("text", "parquet") for shard in shards)
+        state = ray.remote(RunState).options(max_concurrency=8, num_cpus=0).remote(dedupe)
+        state.plan.remote(len(shards))
+        if parts:
+            index = ray.get(state.scan.remote(config.output, config.storage_options, parts,
+                                              config.retry_errors))
+            log.info("resuming: %d images already done in %s; %d error rows to redo",
+                     index["done"], config.output, index["redo"])
+        reason = ray.get(ray.remote(probe_reads).options(num_cpus=0).remote(
+            shards, config.storage_options, config.read_policy))
+        if reason is not None:
+            raise JobStopped(f"the first images of {config.input} all fail to read the same way, "
+                             f"which is not the images' fault: {reason}. Nothing was marked done; "
+                             "fix access (credentials, bucket, endpoint) and run again")
+        dataset = _build_dataset(shards, config, weights, resources, state, metadata)
+        progress = ProgressLine(state, summary, config.show_progress, on_rows)
+        progress.start()
+        try:
+            for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for record in records.to_pylist():
+                    summary.files.append(record["file"])
+                    summary.images += record["rows"]
+                    summary.faces += record["faces"]
+                    summary.errors += record["errors"]
+                    summary.transient += record["transient"]
+        finally:
+            progress.stop()
+        counts = ray.get(state.snapshot.remote())
+        summary.listed, summary.skipped = counts["listed"], counts["skipped"]
     finally:
-        # Whatever stopped the run, rows already received are committed so a rerun resumes.
-        flush()
+        lease.release()
         summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _build_dataset(pending: list[str], config: AnnotateConfig, weights: CascadeWeights,
-                   resources: dict):
-    """paths -> (decode tasks) -> FaceAnnotator actors: a Ray Dataset of annotation rows."""
+def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: CascadeWeights,
+                   resources: dict, state, metadata: dict):
+    """list -> [decode] -> FaceAnnotator actors -> commit: a Ray Dataset of commit records."""
     import ray
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    # The progress line replaces Ray's operator bars unless asked for (RAY_DATA_PROGRESS=1).
+    context.enable_progress_bars = bool(int(__import__("os").environ.get("RAY_DATA_PROGRESS", "0")))
+    context.execution_options.preserve_order = False
 
     use_gpu = config.num_gpus > 0
     cpus_per_actor = config.cpus_per_actor or 1.0
-    if use_gpu and resources.get("GPU", 0) <= 0:
-        raise ValueError(f"--num-gpus {config.num_gpus} asks for GPUs but the Ray cluster has none; "
-                         "drop --num-gpus to run on CPUs, or connect to a GPU cluster with --address")
-    if config.concurrency is not None:
-        actors = config.concurrency
-    elif use_gpu:
-        actors = max(1, int(resources.get("GPU", 0) // config.num_gpus))
-    else:
-        actors = max(1, int(resources.get("CPU", 1) // cpus_per_actor))
+    low, high = _bounds(config.concurrency)
+    if low is None:
+        fits = int(resources.get("GPU", 0) // config.num_gpus) if use_gpu \
+            else int(resources.get("CPU", 1) // cpus_per_actor)
+        low = max(1, fits)
+        # Only a cluster that can grow gets a pool that can: locally the CPUs are all there is.
+        high = low if config.address is None else max(low, 2 * fits)
     separate_decode = use_gpu if config.separate_decode is None else config.separate_decode
-    table = pa.table({"path": pa.array(pending, pa.string())})
-    # Blocks of one batch each spread the work evenly over the actors from the start.
-    blocks = max(1, math.ceil(len(pending) / config.batch_size))
-    # An actor beyond one per block would never get work, only cost a process start.
-    actors = min(actors, blocks)
-    dataset = ray.data.from_arrow([table.slice(i * config.batch_size, config.batch_size)
-                                   for i in range(blocks)])
+    # Listing and committing are I/O with little CPU: at 0 CPUs they never wait behind the
+    # detector actors, which take every CPU (or GPU share) the cluster has.
+    dataset = ray.data.read_datasource(_image_source(shards, config.storage_options, state,
+                                                     min(config.batch_size, BLOCK_ROWS)),
+                                       num_cpus=0)
     if separate_decode:
         dataset = dataset.map_batches(decode_batch, batch_size=config.batch_size, batch_format="pyarrow",
                                       fn_kwargs={"storage_options": config.storage_options,
-                                                 "max_pixels": config.max_pixels})
-    return dataset.map_batches(
+                                                 "policy": config.read_policy, "state": state})
+    dataset = dataset.map_batches(
         FaceAnnotator, batch_size=config.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor, num_gpus=config.num_gpus or None,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=cpus_per_actor, num_gpus=config.num_gpus or None,
         fn_constructor_kwargs={"weights": weights, "detector": config.detector, "use_gpu": use_gpu,
                                "threads": max(1, int(cpus_per_actor)),
                                "storage_options": config.storage_options,
-                               "max_pixels": config.max_pixels})
+                               "policy": config.read_policy,
+                               "pixels_in_flight": config.pixels_in_flight, "state": state})
+    # Workers write: each commit task turns up to rows_per_file rows into one part.
+    return dataset.map_batches(
+        commit_rows, batch_size=config.rows_per_file, batch_format="pyarrow", num_cpus=0,
+        fn_kwargs={"output": config.output, "storage_options": config.storage_options,
+                   "metadata": json.dumps(metadata, sort_keys=True)})
 
 
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def _bounds(concurrency) -> tuple[int | None, int | None]:
+    if concurrency is None:
+        return None, None
+    if isinstance(concurrency, int):
+        return concurrency, concurrency
+    low, high = concurrency
+    return int(low), int(high)
 
 
 def _difference(before: dict, now: dict) -> str:
@@ -398,6 +558,13 @@ def _difference(before: dict, now: dict) -> str:
 
 # -- command line ---------------------------------------------------------------------------
 
+def _concurrency(text: str) -> int | tuple[int, int]:
+    if "," in text:
+        low, high = text.split(",", 1)
+        return int(low), int(high)
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of mtcnn-jobs annotate."""
     parser.add_argument("input", metavar="INPUT",
@@ -408,15 +575,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
     parser.add_argument("--num-gpus", type=float, default=0.0,
                         help="GPUs per detector actor, fractions allowed (default 0: CPU)")
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help="detector actors (default: one per GPU share, or per --cpus-per-actor CPUs)")
+    parser.add_argument("--concurrency", type=_concurrency, default=None,
+                        help="detector actors: N, or MIN,MAX for a pool that scales with the cluster "
+                             "(default: one per GPU share or per --cpus-per-actor CPUs; on a cluster "
+                             "up to twice that)")
     parser.add_argument("--cpus-per-actor", type=float, default=None,
                         help="CPUs (and torch threads) per detector actor (default 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per detector call")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="larger images become error rows, checked before decoding (default 100e6)")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help="larger files become error rows, checked before reading (default 256 MiB)")
+    parser.add_argument("--read-retries", type=int, default=4,
+                        help="retries of a read that fails for a transient reason (default 4)")
+    parser.add_argument("--rows-per-file", type=int, default=4096,
+                        help="rows per Parquet part (default 4096)")
     parser.add_argument("--storage-options", default=None,
                         help="JSON object of fsspec/s3fs options, e.g. credentials or endpoint_url")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="redo every error row of earlier runs (default: only transient ones)")
     parser.add_argument("--overwrite", action="store_true",
                         help="remove earlier results in OUTPUT instead of resuming")
 
@@ -431,8 +608,13 @@ def run(args: argparse.Namespace) -> int:
             address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
             cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
             storage_options=parse_storage_options(args.storage_options), overwrite=args.overwrite,
-            max_pixels=args.max_pixels)
+            retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+            read_retries=args.read_retries, rows_per_file=args.rows_per_file,
+            show_progress=True)
         summary = annotate(config)
+    except JobStopped as error:
+        print(f"mtcnn-jobs annotate: {error}", file=sys.stderr)
+        return 1
     except (InputError, OutputError, ValueError, ConnectionError) as error:
         print(f"mtcnn-jobs annotate: {error}", file=sys.stderr)
         return 2
@@ -440,5 +622,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["AnnotateConfig", "AnnotateSummary", "FaceAnnotator", "annotate", "decode_batch",
-           "read_image"]
+__all__ = ["AnnotateConfig", "AnnotateSummary", "FaceAnnotator", "JobStopped", "OutputError",
+           "annotate", "commit_rows", "decode_batch"]

@@ -103,7 +103,7 @@ class AnnotateJobDetection:
     def __call__(self, paths: list[str], label: str) -> list[Detections]:
         """Detections for each image file, in order; the job's rows stay under work_dir/label."""
         from .annotate import AnnotateConfig, annotate
-        from .preview import read_annotations
+        from .schema import read_annotations
 
         folder = Path(self.work_dir) / label
         folder.mkdir(parents=True, exist_ok=True)

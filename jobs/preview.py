@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from .annotate import PART_PREFIX, read_image
-from .decode import DEFAULT_MAX_PIXELS
-from .storage import filesystem, parse_storage_options
+from .reading import ReadFailure, ReadPolicy, read_image
+from .schema import read_annotations
+from .storage import parse_storage_options
 
 # Landmark colours (RGB): left eye, right eye, nose, left and right mouth corner.
 POINT_COLOURS = [(255, 64, 64), (64, 160, 255), (255, 220, 0), (255, 0, 255), (0, 255, 255)]
@@ -31,15 +30,6 @@ class PreviewConfig:
     limit: int = 24
     min_score: float = 0.0
     storage_options: dict = field(default_factory=dict)
-
-
-def read_annotations(output: str, storage_options: dict | None = None):
-    """All rows of an annotate OUTPUT as one Arrow table."""
-    fs, root = filesystem(output, storage_options)
-    parts = sorted(fs.glob(root.rstrip("/") + f"/{PART_PREFIX}*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"no annotate results ({PART_PREFIX}*.parquet) under {output}")
-    return pads.dataset(parts, filesystem=fs, format="parquet").to_table()
 
 
 def draw_faces(image: np.ndarray, faces: list[dict], min_score: float = 0.0) -> np.ndarray:
@@ -74,7 +64,10 @@ def make_preview(config: PreviewConfig) -> str:
     cards = []
     for index, row in enumerate(annotated.slice(0, config.limit).to_pylist()):
         faces = [f for f in row["faces"] or [] if f["score"] >= config.min_score]
-        image, error = read_image(row["path"], config.storage_options, DEFAULT_MAX_PIXELS)
+        try:
+            image, error = read_image(row["path"], config.storage_options, ReadPolicy(retries=1)), None
+        except ReadFailure as failure:
+            image, error = None, failure.reason
         caption = f"{len(faces)} face{'s' if len(faces) != 1 else ''}, {row['width']}x{row['height']}"
         if image is None:
             cards.append(_card(row["path"], None, f"cannot show: {error}"))

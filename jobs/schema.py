@@ -66,8 +66,23 @@ def annotation_table(paths: list[str], sizes: list[tuple[int, int] | None],
                                 schema=ANNOTATION_SCHEMA)
 
 
+def read_annotations(output: str, storage_options: dict | None = None,
+                     columns: list[str] | None = None) -> pa.Table:
+    """The committed rows of an annotate OUTPUT as one Arrow table (for tools on small outputs)."""
+    import pyarrow.dataset as pads
+
+    from .parts import committed_parts
+    from .storage import filesystem
+
+    parts = committed_parts(output, storage_options)
+    if not parts:
+        raise FileNotFoundError(f"no annotate results (part-*.parquet) under {output}")
+    fs, _ = filesystem(output, storage_options)
+    return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
 def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: dict,
-                 detector: DetectorConfig, max_pixels: int) -> dict:
+                 detector: DetectorConfig, max_pixels: int, max_bytes: int | None = None) -> dict:
     """What made these rows: weights identity, detection parameters, versions and time."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -80,6 +95,7 @@ def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: d
                     "provenance": weights_provenance},
         "detector": _jsonable(asdict(detector)),
         "max_pixels": max_pixels,
+        "max_bytes": max_bytes,
         "package": "mtcnn-jobs", "version": package_version,
         "python": platform.python_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -89,7 +105,8 @@ def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: d
 def settings_of(metadata: dict) -> dict:
     """The parts of run metadata that change the rows (so runs with equal settings can be mixed)."""
     return {"weights_sha256": metadata.get("weights", {}).get("sha256"),
-            "detector": metadata.get("detector"), "max_pixels": metadata.get("max_pixels")}
+            "detector": metadata.get("detector"), "max_pixels": metadata.get("max_pixels"),
+            "max_bytes": metadata.get("max_bytes")}
 
 
 def with_metadata(schema: pa.Schema, metadata: dict) -> pa.Schema:

@@ -16,6 +16,7 @@ import torch
 
 from jobs.annotate import AnnotateConfig, OutputError, annotate
 from jobs.cli import main
+from jobs.reading import ReadPolicy
 from jobs.schema import read_metadata
 from jobs.storage import filesystem
 from mtcnn import DetectorConfig, load_weights
@@ -224,7 +225,7 @@ def test_a_detection_failure_marks_only_its_own_row(tmp_path):
     threads = torch.get_num_threads()
     try:  # the actor sets torch's (process-wide) thread count; give it back to the other tests
         annotator = FaceAnnotator(load_weights("reference"), DetectorConfig(), use_gpu=False, threads=2,
-                                  storage_options={}, max_pixels=MAX_PIXELS)
+                                  storage_options={}, policy=ReadPolicy(max_pixels=MAX_PIXELS))
         detect = annotator.detector.detect
 
         def fails_on_odd_widths(images):
@@ -239,5 +240,6 @@ def test_a_detection_failure_marks_only_its_own_row(tmp_path):
     assert [row["path"] for row in rows] == paths
     assert rows[1]["error"] == "detection failed: MemoryError: out of memory on this one"
     assert rows[1]["faces"] is None
+    assert rows[1]["error_kind"] == "transient"  # not the image's fault: the next run redoes it
     assert rows[0]["error"] is None and len(rows[0]["faces"]) == 1
     assert rows[2]["error"] is None and len(rows[2]["faces"]) == 1

@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from jobs.annotate import PartWriter
+from jobs.annotate import commit_rows
 from jobs.cli import main
 from jobs.decode import decode_image
 from jobs.schema import annotation_table
@@ -25,7 +25,8 @@ def test_preview_draws_boxes_and_landmarks_and_lists_errors(tmp_path, capsys):
     found = FaceDetector().detect(pixels)
     table = annotation_table(paths, [(p.shape[1], p.shape[0]) for p in pixels] + [None],
                              found + [None], [None, None, "file not found"])
-    PartWriter(str(tmp_path / "out"), {}, {"detector": {}}).write(table)
+    (tmp_path / "out").mkdir()
+    commit_rows(table, str(tmp_path / "out"), {}, '{"detector": {}}')
 
     status = main(["preview", str(tmp_path / "out"), "--limit", "5", "--out", str(tmp_path / "gallery")])
     assert status == 0 and "index.html" in capsys.readouterr().out
