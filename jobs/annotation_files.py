@@ -28,12 +28,13 @@ def annotation_files(location: str, storage_options: dict | None = None):
         fs, root = filesystem(location, storage_options)
         if fs.isfile(root):
             return fs, [root]
-        found = sorted(fs.glob(root.rstrip("/") + "/part-*.parquet"))
+        # Listed, never globbed: a folder name with '[' or '*' in it is taken literally.
+        names = [name for name in fs.ls(root, detail=False) if name.endswith(".parquet")]
+        found = sorted(name for name in names if posixpath.basename(name).startswith("part-"))
         if not found:
             # Any Parquet with the schema (another tool's output converted to it), not hidden
             # files or _-prefixed ones that writers keep for their own bookkeeping.
-            found = sorted(p for p in fs.glob(root.rstrip("/") + "/*.parquet")
-                           if not posixpath.basename(p).startswith((".", "_")))
+            found = sorted(name for name in names if not posixpath.basename(name).startswith((".", "_")))
     except FileNotFoundError:
         found = []
     except Exception as error:  # noqa: BLE001 - object stores raise many types

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 import posixpath
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,11 +98,32 @@ def _name(config: ExportConfig, path: str) -> str:
     return path
 
 
+@contextlib.contextmanager
 def _open_text(config: ExportConfig, path: str):
+    """A text stream to OUT that only becomes OUT once written to the end (a failed export leaves none)."""
     fs, inner = filesystem(path, config.storage_options)
-    if not is_remote(path):
-        fs.makedirs(posixpath.dirname(inner) or ".", exist_ok=True)
-    return fs.open(inner, "w", encoding="utf-8", newline="")
+    if is_remote(path):
+        # An object appears only when its upload completes; abort it on failure.
+        handle = fs.open(inner, "w", encoding="utf-8", newline="")
+        try:
+            yield handle
+        except BaseException:
+            buffer = getattr(handle, "buffer", None)
+            if buffer is not None and hasattr(buffer, "discard"):
+                buffer.discard()
+                buffer.closed = True  # so closing the text wrapper cannot complete the upload
+            raise
+        handle.close()
+        return
+    fs.makedirs(posixpath.dirname(inner) or ".", exist_ok=True)
+    temporary = f"{inner}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+        os.replace(temporary, inner)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _errors_in(batch) -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from jobs.annotate import AnnotateConfig, annotate
 from jobs.cli import main
-from jobs.crops import CropsConfig, CropSettings, chip_file_name, crops
+from jobs.crops import CropsConfig, CropSettings, chip_file_name, crops, select_faces
 from jobs.decode import decode_image
 from jobs.parts import committed_parts
 from mtcnn import DetectorConfig, FaceDetector
@@ -42,8 +42,9 @@ def annotated(ray_session, tmp_path_factory):
         if example.suffix in (".png", ".jpg"):
             shutil.copy(example, images / "people" / example.name)
     # Known faces: the 5-point set's web photos, one large frontal face each.
+    (images / "net_7876").mkdir()
     for photo in sorted(FACEPOINTS.glob("*.jpg"))[:6] if FACEPOINTS.is_dir() else []:
-        shutil.copy(photo, images / "people" / photo.name)
+        shutil.copy(photo, images / "net_7876" / photo.name)
     if WIDER.is_dir():
         for name in wider_names():
             (images / name).parent.mkdir(parents=True, exist_ok=True)
@@ -277,3 +278,42 @@ def test_evaluate_predictions_names_images_without_a_row(annotated, capsys):
     status = main(["evaluate", "--wider", str(WIDER), "--predictions", str(output), "--limit", str(WIDER_IMAGES + 1)])
     assert status == 2
     assert "1 of 7 wider images have no predictions" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not FACEPOINTS.is_dir(), reason="../shared/data/cnn_facepoint_5pt not present")
+def test_landmark_error_of_stored_predictions_equals_detecting_again(annotated, tmp_path):
+    images, output = annotated
+    names = {p.name for p in (images / "net_7876").glob("*.jpg")}
+    lines = [line for line in (FACEPOINTS.parent / "trainImageList.txt").read_text().splitlines()
+             if line.split(" ", 1)[0].replace("\\", "/").split("/")[-1] in names]
+    assert len(lines) == len(names) == 6
+    listing = images / "five_points.txt"  # paths in it are relative to its folder: the copies
+    listing.write_text("\n".join(lines) + "\n")
+    stored, detected = tmp_path / "stored", tmp_path / "detected"
+    assert main(["evaluate", "--landmarks", str(listing), "--predictions", str(output), "--output", str(stored)]) == 0
+    assert main(["evaluate", "--landmarks", str(listing), "--output", str(detected)]) == 0
+    first = json.loads((stored / "metrics.json").read_text())["landmarks"]
+    second = json.loads((detected / "metrics.json").read_text())["landmarks"]
+    assert first["num_faces"] == 6 and first["num_matched"] == second["num_matched"] >= 5
+    assert first["mean_nme"] == pytest.approx(second["mean_nme"], abs=1e-4) and first["mean_nme"] < 0.1
+
+
+def test_select_faces_filters_and_skips_done_images():
+    import pyarrow as pa
+
+    from jobs.run_state import path_digests
+    from jobs.schema import FACE_TYPE
+
+    face = lambda x, size, score: {"box": [x, 0, x + size, size], "score": score, "landmarks": [0.0] * 10}
+    faces = [[face(0, 30, 0.99), face(50, 80, 0.95), face(200, 10, 0.999)], [face(0, 50, 0.9)], [], None]
+    batch = pa.table({"path": ["a", "b", "c", "d"], "width": pa.array([9] * 4, pa.int32()),
+                      "height": pa.array([9] * 4, pa.int32()), "faces": pa.array(faces, pa.list_(FACE_TYPE)),
+                      "error": [None, None, None, "gone"]})
+    none = np.zeros(0, "S16")
+    picked = lambda settings, done=none: {r["path"]: [f["index"] for f in r["faces"]]
+                                         for r in select_faces(batch, settings, done).to_pylist()}
+    assert picked(CropSettings()) == {"a": [0, 1, 2], "b": [0]}
+    assert picked(CropSettings(min_score=0.96, min_size=20)) == {"a": [0]}
+    assert picked(CropSettings(faces="largest")) == {"a": [1], "b": [0]}
+    assert picked(CropSettings(faces="best")) == {"a": [2], "b": [0]}
+    assert picked(CropSettings(), np.sort(path_digests(["a"]))) == {"b": [0]}
