@@ -397,8 +397,8 @@ def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None =
         # everything else, so endpoints and credentials work the same way for Ray's readers.
         # Reading and choosing faces are light; small CPU shares keep them from waiting behind
         # croppers that hold every whole CPU (which would stall the pipeline on a small machine).
-        dataset = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns,
-                                        partitioning=None, num_cpus=LIGHT_CPUS)
+        dataset = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=None,
+                                        num_cpus=LIGHT_CPUS).select_columns(columns)  # pushed into the read
         dataset = dataset.map_batches(select_faces, batch_format="pyarrow", batch_size=4096, num_cpus=LIGHT_CPUS,
                                       fn_kwargs={"settings": config.settings, "done": ray.put(done)})
         resources = ray.cluster_resources()
