@@ -337,7 +337,7 @@ class FaceAnnotator:
 
 
 def commit_rows(batch: pa.Table, output: str, storage_options: dict, metadata: str,
-                retries: int = 4) -> pa.Table:
+                retries: int = 4, owner: str | None = None) -> pa.Table:
     """Write a batch of rows as one part of OUTPUT; its commit record (file, rows, faces, errors)."""
     schema = with_metadata(ANNOTATION_SCHEMA, json.loads(metadata))
     table = batch.select(ANNOTATION_SCHEMA.names).cast(schema)
@@ -345,6 +345,10 @@ def commit_rows(batch: pa.Table, output: str, storage_options: dict, metadata: s
     name = part_name(table.column("path").to_pylist())
     for attempt in range(retries + 1):
         try:
+            if owner is not None:
+                # Fencing: a worker left over from a job whose driver died must not write into
+                # an OUTPUT that a newer job now holds (their rows would be there twice).
+                Lease(output, storage_options, owner).check()
             path = commit_file(output, name, data, storage_options)
             break
         except OSError:
@@ -461,13 +465,16 @@ def annotate(config: AnnotateConfig,
                                               config.retry_errors))
             log.info("resuming: %d images already done in %s; %d error rows to redo",
                      index["done"], config.output, index["redo"])
-        reason = ray.get(ray.remote(probe_reads).options(num_cpus=0).remote(
-            shards, config.storage_options, config.read_policy))
+        try:
+            reason = ray.get(ray.remote(probe_reads).options(num_cpus=0, max_retries=0).remote(
+                shards, config.storage_options, config.read_policy))
+        except ray.exceptions.RayError:
+            reason = None  # the probe only looks for a common cause; the job finds any other
         if reason is not None:
             raise JobStopped(f"the first images of {config.input} all fail to read the same way, "
                              f"which is not the images' fault: {reason}. Nothing was marked done; "
                              "fix access (credentials, bucket, endpoint) and run again")
-        dataset = _build_dataset(shards, config, weights, resources, state, metadata)
+        dataset = _build_dataset(shards, config, weights, resources, state, metadata, lease.owner)
         progress = ProgressLine(state, summary, config.show_progress, on_rows)
         progress.start()
         try:
@@ -489,7 +496,7 @@ def annotate(config: AnnotateConfig,
 
 
 def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: CascadeWeights,
-                   resources: dict, state, metadata: dict):
+                   resources: dict, state, metadata: dict, owner: str):
     """list -> [decode] -> FaceAnnotator actors -> commit: a Ray Dataset of commit records."""
     import ray
     from ray.data import DataContext
@@ -531,7 +538,7 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
     return dataset.map_batches(
         commit_rows, batch_size=config.rows_per_file, batch_format="pyarrow", num_cpus=0,
         fn_kwargs={"output": config.output, "storage_options": config.storage_options,
-                   "metadata": json.dumps(metadata, sort_keys=True)})
+                   "metadata": json.dumps(metadata, sort_keys=True), "owner": owner})
 
 
 def _bounds(concurrency) -> tuple[int | None, int | None]:

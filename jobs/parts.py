@@ -143,7 +143,7 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease, or raise OutputError naming the job that holds it."""
         holder = self._read()
-        if holder is not None and holder.get("owner") != self.owner:
+        if holder is not None and holder.get("owner") != self.owner and not _holder_is_gone(holder):
             age = time.time() - float(holder.get("heartbeat", 0))
             if age < self.ttl_seconds:
                 raise OutputError(
@@ -160,6 +160,13 @@ class Lease:
                               "same moment; choose another OUTPUT or retry later")
         self._thread = threading.Thread(target=self._beat, name="output-lease", daemon=True)
         self._thread.start()
+
+    def check(self) -> None:
+        """Raise OutputError unless the lease file still names this owner (a fencing check)."""
+        holder = self._read()
+        if holder is None or holder.get("owner") != self.owner:
+            raise OutputError(f"this job no longer holds OUTPUT {self.output} (held by "
+                              f"{(holder or {}).get('owner', 'nobody')}); its rows were not written")
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease file (if it is still ours)."""
@@ -196,6 +203,19 @@ class Lease:
             self.fs.pipe_file(self.path, data)
         else:
             commit_file(self.output, LEASE_NAME, data)
+
+
+def _holder_is_gone(holder: dict) -> bool:
+    """Whether a lease's holder was a process on this host that no longer runs (killed, say)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
 
 
 def new_owner() -> str:

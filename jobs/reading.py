@@ -66,6 +66,7 @@ def read_bytes(path: str, storage_options: dict, policy: ReadPolicy) -> bytes:
 def read_image(path: str, storage_options: dict, policy: ReadPolicy) -> np.ndarray:
     """RGB pixels of one image as displayed; raises ReadFailure with its kind."""
     data = read_bytes(path, storage_options, policy)
+    inject_crash(path)
     try:
         return decode_image(data, policy.max_pixels)
     except DecodeError as error:
@@ -121,7 +122,8 @@ def first_line(error: BaseException) -> str:
 # MTCNN_JOBS_FAILPOINTS, for tests of the job's fault handling with real processes:
 #   "fail_reads=N:TEXT"  the first N reads in a process of each path containing TEXT raise
 #                        ConnectionError (a transient failure)
-#   "kill_on=TEXT"       the process reading a path containing TEXT kills itself with SIGKILL
+#   "kill_on=TEXT"       the process decoding a path containing TEXT kills itself with SIGKILL
+#                        (as a decoder crash or the kernel's OOM killer would)
 # Unset (always, outside tests) it costs one dictionary lookup per read.
 
 _reads_failed: dict[str, int] = {}
@@ -137,12 +139,19 @@ def inject_read_failure(path: str) -> None:
     if "MTCNN_JOBS_FAILPOINTS" not in os.environ:
         return
     points = _failpoints()
-    if "kill_on" in points and points["kill_on"] in path:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
     if "fail_reads" in points:
         count, text = points["fail_reads"].split(":", 1)
         if text in path and _reads_failed.get(path, 0) < int(count):
             _reads_failed[path] = _reads_failed.get(path, 0) + 1
             raise ConnectionError(f"injected transient failure {_reads_failed[path]} of {count}")
+
+
+def inject_crash(path: str) -> None:
+    """Apply MTCNN_JOBS_FAILPOINTS' kill_on to the decoding of path (a no-op when it is unset)."""
+    if "MTCNN_JOBS_FAILPOINTS" not in os.environ:
+        return
+    points = _failpoints()
+    if "kill_on" in points and points["kill_on"] in path:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

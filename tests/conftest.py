@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -26,6 +27,27 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+_MOTO: dict = {}
+
+
+@pytest.fixture
+def stop_s3_for(s3_server):
+    """A function that stops the S3 server for some seconds, then starts it on the same port.
+
+    moto keeps its buckets in this process, so the restarted server serves the same objects.
+    """
+    from moto.server import ThreadedMotoServer
+
+    def stop_for(seconds: float) -> None:
+        _MOTO["server"].stop()
+        time.sleep(seconds)
+        restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=_MOTO["port"], verbose=False)
+        restarted.start()
+        _MOTO["server"] = restarted
+
+    return stop_for
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1, with AWS_* variables pointing boto3/s3fs at it.
@@ -39,6 +61,7 @@ def s3_server():
         port = probe.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    _MOTO.update(server=server, port=port)
     endpoint = f"http://127.0.0.1:{port}"
     names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
              "AWS_SESSION_TOKEN")
@@ -49,7 +72,7 @@ def s3_server():
     try:
         yield endpoint
     finally:
-        server.stop()
+        _MOTO["server"].stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

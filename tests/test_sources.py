@@ -76,3 +76,27 @@ def test_s3_prefix_and_manifest_over_a_real_endpoint(s3_server):
                                                             "s3://elsewhere/d.jpg"]
     with pytest.raises(InputError, match="does not exist"):
         list_inputs(f"s3://{bucket}/missing-prefix")
+
+
+def test_a_text_manifest_cut_into_byte_ranges_lists_every_line_once(tmp_path, monkeypatch):
+    import jobs.sources as sources
+
+    lines = [f"s3://bucket/folder {i}/image-{i * 7919 % 1000:04d}.jpg" for i in range(500)]
+    manifest = tmp_path / "big.txt"
+    manifest.write_text("# a comment\n" + "\n".join(lines) + "\n\n")
+    monkeypatch.setattr(sources, "TEXT_SHARD_BYTES", 97)  # shards end in the middle of lines
+    shards = sources.plan_shards(str(manifest))
+    assert len(shards) > 100
+    listed = [p for shard in shards for chunk in shard.chunks(chunk_paths=7) for p in chunk]
+    assert listed == lines
+    assert all(len(chunk) <= 7 for shard in shards for chunk in shard.chunks(chunk_paths=7))
+
+
+def test_a_parquet_manifest_is_cut_at_row_groups(tmp_path):
+    from jobs.sources import plan_shards
+
+    paths = [f"/images/{i}.jpg" for i in range(250_000)]
+    pq.write_table(pa.table({"path": paths}), tmp_path / "m.parquet", row_group_size=30_000)
+    shards = plan_shards(str(tmp_path / "m.parquet"))
+    assert len(shards) == 3  # ~100k paths each, cut where row groups end
+    assert [p for shard in shards for chunk in shard.chunks() for p in chunk] == paths
