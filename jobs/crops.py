@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 #: Key of the crops run's settings (JSON) in each part's key-value metadata.
 METADATA_KEY = b"mtcnn_jobs.crops"
 FACE_CHOICES = ("all", "largest", "best")
+#: Attempts after the first to commit a part while the store is unreachable.
+COMMIT_RETRIES = 4
 #: CPU share of the read and face-choosing tasks.
 LIGHT_CPUS = 0.25
 IMAGE_FORMATS = ("jpeg", "png")
@@ -206,10 +208,11 @@ class FaceCropper:
     """Ray Data actor: cuts the chosen faces of a batch of images and commits them as one part."""
 
     def __init__(self, settings: CropSettings, output: str, storage_options: dict, metadata: dict,
-                 files: str | None, common_root: str, max_pixels: int) -> None:
+                 files: str | None, common_root: str, max_pixels: int, owner: str) -> None:
         # Ray gives each actor its CPU share; OpenCV's own threads would fight the other actors.
         cv2.setNumThreads(1)
         self.settings = settings
+        self.owner = owner
         self.output = output
         self.storage_options = storage_options
         self.schema = CROP_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
@@ -239,7 +242,20 @@ class FaceCropper:
         # The part is the batch's write: committed whole, named by its paths, so a retried task
         # replaces it rather than adding a second copy of its rows.
         name = part_name(paths)
-        commit_file(self.output, name, parquet_bytes(table), self.storage_options)
+        data = parquet_bytes(table)
+        for attempt in range(COMMIT_RETRIES + 1):
+            try:
+                # Fencing, as annotate: a cropper left over from a job whose driver died must not
+                # write into an OUTPUT that a newer job now holds (their rows would be there twice).
+                Lease(self.output, self.storage_options, self.owner).check()
+                commit_file(self.output, name, data, self.storage_options)
+                break
+            except OSError:
+                # The store is unreachable for a moment; the part is whole in memory, so wait and
+                # try again. The last failure fails the task, which Ray Data retries.
+                if attempt == COMMIT_RETRIES:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
         errors = table.num_rows - table.column("error").null_count
         return pa.table({"part": [name], "images": [len(paths)], "crops": [table.num_rows - errors],
                          "errors": [errors]})
@@ -375,7 +391,8 @@ def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None =
         schema = pq.read_schema(handle)
     check_schema(schema, files[0])
     metadata = settings_metadata(config, run_metadata_of(config.annotations, config.storage_options))
-    lease = Lease(config.output, config.storage_options, new_owner())
+    owner = new_owner()
+    lease = Lease(config.output, config.storage_options, owner)
     if not is_remote(config.output):
         os.makedirs(filesystem(config.output)[1], exist_ok=True)
     lease.acquire()
@@ -408,7 +425,8 @@ def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None =
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=config.cpus_per_actor,
             fn_constructor_kwargs={"settings": config.settings, "output": config.output,
                                    "storage_options": config.storage_options, "metadata": metadata,
-                                   "files": config.files, "common_root": root, "max_pixels": config.max_pixels})
+                                   "files": config.files, "common_root": root, "max_pixels": config.max_pixels,
+                                   "owner": owner})
         last_report = time.monotonic()
         for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             summary.parts += rows.num_rows
