@@ -317,3 +317,19 @@ def test_select_faces_filters_and_skips_done_images():
     assert picked(CropSettings(faces="largest")) == {"a": [1], "b": [0]}
     assert picked(CropSettings(faces="best")) == {"a": [2], "b": [0]}
     assert picked(CropSettings(), np.sort(path_digests(["a"]))) == {"b": [0]}
+
+
+def test_an_output_held_by_another_job_stops_crops_before_any_work(annotated, tmp_path):
+    from jobs.parts import Lease, OutputError
+
+    _, output = annotated
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = Lease(str(out), {}, "another-host:1:abcd")
+    holder.acquire()
+    try:
+        with pytest.raises(OutputError, match="in use by another"):
+            crops(CropsConfig(str(output), str(out), show_progress=False))
+    finally:
+        holder.release()
+    assert committed_parts(str(out)) == []
