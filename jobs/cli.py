@@ -11,9 +11,12 @@ import sys
 COMMANDS = {
     "annotate": ("jobs.annotate", "detect faces in a folder, bucket or manifest of images into Parquet"),
     "preview": ("jobs.preview", "draw an annotate run's detections into an HTML gallery"),
+    "crops": ("jobs.crops", "cut aligned face chips out of an annotate run's images into Parquet"),
+    "gallery": ("jobs.gallery", "a sample of a crops run's chips as an HTML gallery"),
+    "export": ("jobs.export", "an annotate run as COCO keypoints JSON, WIDER prediction files or CSV"),
     "prepare": ("jobs.prepare", "make training samples for one stage as Parquet shards"),
     "train": ("jobs.train", "train a stage, or the whole cascade from a config, with Ray Train"),
-    "evaluate": ("jobs.evaluate", "WIDER AP and landmark error of a weights file"),
+    "evaluate": ("jobs.evaluate", "WIDER AP and landmark error of a weights file or of existing predictions"),
     "submit": ("jobs.submit", "submit an mtcnn-jobs command to a Ray cluster"),
     "jobs": ("jobs.cluster_jobs", "status, logs or stop of a submitted job"),
     "convert-weights": ("jobs.convert_weights", "convert facenet-pytorch's reference weights"),

@@ -1,4 +1,4 @@
-"""mtcnn-jobs evaluate: WIDER AP (easy / medium / hard) and landmark error of a weights file."""
+"""mtcnn-jobs evaluate: WIDER AP (easy / medium / hard) and landmark error of a weights file or of existing predictions."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
                               load_wider_ground_truth, save_pr_curves)
 
-from .storage import filesystem, redact
+from .annotation_files import AnnotationsError, flatten_faces, iter_batches, run_metadata_of
+from .storage import filesystem, parse_storage_options, redact
 
 
 class ImageReadError(ValueError):
@@ -131,6 +132,90 @@ class AnnotateJobDetection:
         return results
 
 
+def _image_key(path: str) -> str:
+    """An image's folder and file name ('0--Parade/x.jpg'): how predictions find ground-truth images."""
+    parts = path.replace("\\", "/").rstrip("/").split("/")
+    return "/".join(parts[-2:])
+
+
+@dataclass
+class StoredPredictions:
+    """Detections already made: annotate-schema Parquet, or a folder of WIDER prediction .txt files."""
+
+    source: str
+    storage_options: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, paths: list[str], label: str) -> list[Detections]:
+        """The stored detections of each image, in order; raises ImageReadError for an image without any."""
+        wanted = {_image_key(path): i for i, path in enumerate(paths)}
+        found: list[Detections | None] = [None] * len(paths)
+        reasons: dict[int, str] = {}
+        for key, detections, error in self._rows(wanted):
+            index = wanted.get(key)
+            if index is None:
+                continue  # an image of the run that is not in this set
+            if found[index] is not None:
+                raise ImageReadError(f"{paths[index]}: the predictions hold two rows for {key}")
+            if error is not None:
+                reasons[index] = error
+                continue
+            found[index] = detections
+        missing = [i for i, d in enumerate(found) if d is None]
+        if missing:
+            first = missing[0]
+            why = reasons.get(first, "no row in the predictions")
+            raise ImageReadError(f"{len(missing)} of {len(paths)} {label} images have no predictions, e.g. "
+                                 f"{paths[first]}: {why} (evaluation needs every image of the set; "
+                                 "rows are matched by folder and file name)")
+        print(f"{label}: predictions for {len(paths)} images from {self.source}", file=sys.stderr, flush=True)
+        return found
+
+    def _rows(self, wanted: dict[str, int]):
+        """(image key, detections, error) for every stored image; only wanted ones are kept in memory."""
+        local = "://" not in self.source
+        if local and os.path.isdir(self.source) and not any(
+                name.endswith(".parquet") for name in os.listdir(self.source)):
+            yield from _wider_prediction_rows(self.source)
+            return
+        for batch in iter_batches(self.source, ["path", "faces", "error"], self.storage_options):
+            keys = [_image_key(p) for p in batch.column("path").to_pylist()]
+            errors = batch.column("error").to_pylist()
+            faces = flatten_faces(batch.column("faces"))
+            starts = np.searchsorted(faces.row, np.arange(batch.num_rows + 1))
+            for row, key in enumerate(keys):
+                if key not in wanted:
+                    continue
+                lo, hi = starts[row], starts[row + 1]
+                yield key, Detections(faces.boxes[lo:hi].astype(np.float32), faces.scores[lo:hi].astype(np.float32),
+                                      faces.landmarks[lo:hi].reshape(-1, 5, 2).astype(np.float32)), errors[row]
+
+
+def _wider_prediction_rows(folder: str):
+    """(image key, detections, None) from event/name.txt files: name line, count line, `x y w h score` lines."""
+    for event in sorted(os.listdir(folder)):
+        event_dir = os.path.join(folder, event)
+        if not os.path.isdir(event_dir):
+            continue
+        for name in sorted(os.listdir(event_dir)):
+            if not name.endswith(".txt"):
+                continue
+            with open(os.path.join(event_dir, name), encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+            try:
+                count = int(lines[1])
+                numbers = np.array([[float(v) for v in line.split()[:5]] for line in lines[2:2 + count]],
+                                   np.float64).reshape(-1, 5)
+            except (IndexError, ValueError):
+                raise AnnotationError(os.path.join(event_dir, name), None,
+                                      "expected a name line, a count line and `x y w h score` lines") from None
+            boxes = numbers[:, :4].copy()
+            boxes[:, 2:] += boxes[:, :2]
+            # The files name images without extension; WIDER's are all .jpg.
+            yield f"{event}/{lines[0].strip()}.jpg", Detections(
+                boxes.astype(np.float32), numbers[:, 4].astype(np.float32),
+                np.full((len(numbers), 5, 2), np.nan, np.float32)), None
+
+
 #: Detection backend: (image paths, label for progress) -> detections per image, in order.
 Detect = Callable[[list[str], str], list[Detections]]
 
@@ -172,6 +257,9 @@ class EvaluateConfig:
     address: str | None = None
     num_gpus: float = 0.0
     concurrency: int | None = None
+    #: Score these stored detections (annotate-schema Parquet or WIDER .txt files) instead of detecting.
+    predictions: str | None = None
+    storage_options: dict = dataclasses.field(default_factory=dict)
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -182,16 +270,29 @@ def evaluate(config: EvaluateConfig) -> dict:
         raise ValueError(f"--limit must be at least 1, got {config.limit}")
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
-    weights = load_weights(config.weights)
-    metrics: dict = {
-        "weights": {"source": str(weights.source or config.weights), "sha256": weights.sha256,
-                    "provenance": redact(weights.provenance)},
-        "detector": dataclasses.asdict(config.detector),
-        "detection": "annotate Ray job" if config.use_ray else f"in process on {config.device}",
-    }
+    if config.predictions:
+        metrics: dict = {"predictions": config.predictions, "detection": "stored predictions"}
+        if not os.path.isdir(config.predictions) or any(
+                n.endswith(".parquet") for n in os.listdir(config.predictions)):
+            run = run_metadata_of(config.predictions, config.storage_options) or {}
+            # The run's own record of what made the rows, when it has one (secrets already redacted).
+            metrics["weights"] = run.get("weights") or {"source": "unknown", "sha256": ""}
+            metrics["detector"] = run.get("detector")
+        else:
+            metrics["weights"], metrics["detector"] = {"source": "unknown", "sha256": ""}, None
+    else:
+        weights = load_weights(config.weights)
+        metrics = {
+            "weights": {"source": str(weights.source or config.weights), "sha256": weights.sha256,
+                        "provenance": redact(weights.provenance)},
+            "detector": dataclasses.asdict(config.detector),
+            "detection": "annotate Ray job" if config.use_ray else f"in process on {config.device}",
+        }
     with tempfile.TemporaryDirectory(prefix="mtcnn-evaluate-") as scratch:
-        if config.use_ray:
-            detect: Detect = AnnotateJobDetection(
+        if config.predictions:
+            detect: Detect = StoredPredictions(config.predictions, config.storage_options)
+        elif config.use_ray:
+            detect = AnnotateJobDetection(
                 str(config.weights), config.detector, str(Path(config.output) / "annotate") if config.output
                 else scratch, config.address, config.num_gpus, config.concurrency, config.batch_size)
         else:
@@ -224,7 +325,9 @@ def evaluate(config: EvaluateConfig) -> dict:
 
 def format_table(metrics: dict) -> str:
     """The headline figures as a small text table."""
-    lines = [f"weights  {metrics['weights']['source']}  (sha256 {metrics['weights']['sha256'][:12]})"]
+    lines = [f"predictions {metrics['predictions']}"] if metrics.get("predictions") else []
+    weights = metrics.get("weights") or {}
+    lines.append(f"weights  {weights.get('source', 'unknown')}  (sha256 {str(weights.get('sha256') or '')[:12]})")
     if "wider" in metrics:
         wider = metrics["wider"]
         lines.append(f"WIDER    {wider['images']} images, {wider['detections']} detections")
@@ -244,6 +347,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="WIDER-format folder: *_bbx_gt.txt, images/, easy.txt, medium.txt, hard.txt")
     parser.add_argument("--landmarks", metavar="LIST_FILE",
                         help="5-point list (path x1 x2 y1 y2 and 5 points a line) for landmark error")
+    parser.add_argument("--predictions", metavar="ANNOTATIONS",
+                        help="score these detections instead of detecting: an annotate OUTPUT (local or s3://), "
+                             "any Parquet with its schema, or a folder of WIDER prediction .txt files; "
+                             "images are matched by folder and file name")
+    parser.add_argument("--storage-options", default=None, help="with --predictions: JSON object of fsspec/s3fs options")
     add_detector_arguments(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--output", metavar="DIR", help="folder for metrics.json and pr_curves.png")
@@ -264,8 +372,9 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate(EvaluateConfig(
             wider=args.wider, landmarks=args.landmarks, weights=args.weights, detector=detector,
             device=args.device, output=args.output, limit=args.limit, batch_size=args.batch_size,
-            use_ray=args.ray, address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency))
-    except (AnnotationError, ImageReadError, FileNotFoundError, ValueError, ConnectionError) as error:
+            use_ray=args.ray, address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
+            predictions=args.predictions, storage_options=parse_storage_options(args.storage_options)))
+    except (AnnotationError, AnnotationsError, ImageReadError, FileNotFoundError, ValueError, ConnectionError) as error:
         print(f"mtcnn-jobs evaluate: {error}", file=sys.stderr)
         return 2
     print(format_table(metrics))

@@ -1,0 +1,503 @@
+"""mtcnn-jobs crops: Ray Data cuts aligned face chips out of an annotate run's images into Parquet, one row per face.
+
+The pipeline: read the annotations (Parquet) -> pick each image's faces (filters, resume) ->
+FaceCropper actors (read the image, warp each face, encode it) -> each actor commits its batch as
+one part with jobs.parts' protocol (atomic, named by its paths) -> small summaries to the driver.
+The chips' bytes never pass through the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import posixpath
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mtcnn.align import ALIGN_METHODS, AlignError, align_face, transform_points
+
+from .annotation_files import AnnotationsError, annotation_files, check_schema, run_metadata_of
+from .decode import DEFAULT_MAX_PIXELS
+from .parts import (Lease, OutputError, commit_file, committed_parts, new_owner, parquet_bytes, part_name,
+                    remove_stale_temporaries)
+from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_image
+from .run_state import path_digests, redo_mask
+from .storage import filesystem, is_remote, join, parse_storage_options
+
+log = logging.getLogger(__name__)
+
+#: Key of the crops run's settings (JSON) in each part's key-value metadata.
+METADATA_KEY = b"mtcnn_jobs.crops"
+FACE_CHOICES = ("all", "largest", "best")
+#: Attempts after the first to commit a part while the store is unreachable.
+COMMIT_RETRIES = 4
+#: CPU share of the read and face-choosing tasks.
+LIGHT_CPUS = 0.25
+IMAGE_FORMATS = ("jpeg", "png")
+
+CROP_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),           # the source image, as the annotations name it
+    pa.field("face", pa.int32()),                           # index in the annotation row's faces; null: image error
+    pa.field("box", pa.list_(pa.float32(), 4)),              # x1, y1, x2, y2 in the source image
+    pa.field("score", pa.float32()),
+    pa.field("landmarks", pa.list_(pa.float32(), 10)),       # five points in the source image
+    pa.field("crop", pa.binary()),                          # the chip, encoded (JPEG or PNG)
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("crop_landmarks", pa.list_(pa.float32(), 10)),  # the five points in the chip
+    pa.field("transform", pa.list_(pa.float32(), 6)),        # 2 x 3 source -> chip matrix, row-major
+    pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),                     # 'permanent' or 'transient' (redone on resume)
+])
+
+#: The selected faces of one image: the annotation's face struct plus its index in the row.
+SELECTED_FACE = pa.struct([pa.field("index", pa.int32()), pa.field("box", pa.list_(pa.float32(), 4)),
+                           pa.field("score", pa.float32()), pa.field("landmarks", pa.list_(pa.float32(), 10))])
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """How faces are chosen and cut: everything that changes the rows."""
+
+    align: str = "similarity"
+    size: int = 112
+    margin: float = 0.0
+    min_score: float = 0.0
+    min_size: float = 0.0
+    faces: str = "all"
+    image_format: str = "jpeg"
+    quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.align not in ALIGN_METHODS:
+            raise ValueError(f"--align must be one of {', '.join(ALIGN_METHODS)}, got {self.align!r}")
+        if self.faces not in FACE_CHOICES:
+            raise ValueError(f"--faces must be one of {', '.join(FACE_CHOICES)}, got {self.faces!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if int(self.size) != self.size or not 8 <= self.size <= 4096:
+            raise ValueError(f"--size must be a whole number of pixels from 8 to 4096, got {self.size!r}")
+        if not 0 <= self.margin < self.size:
+            raise ValueError(f"--margin must be at least 0 and less than --size {self.size}, got {self.margin!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be 1 to 100, got {self.quality}")
+        if self.min_size < 0:
+            raise ValueError(f"--min-size must be 0 or more, got {self.min_size}")
+
+
+@dataclass
+class CropsConfig:
+    """Everything one crops run needs."""
+
+    annotations: str
+    output: str
+    settings: CropSettings = field(default_factory=CropSettings)
+    #: Also write each chip as an image file under this folder (or prefix), for tools that want files.
+    files: str | None = None
+    address: str | None = None
+    #: Cropper actors; None: one per CPU of the cluster (by cpus_per_actor).
+    concurrency: int | None = None
+    cpus_per_actor: float = 1.0
+    #: Images per cropper call; each call commits one part.
+    batch_size: int = 64
+    storage_options: dict = field(default_factory=dict)
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    show_progress: bool = True
+    progress_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be positive, got {self.cpus_per_actor}")
+
+
+@dataclass
+class CropsSummary:
+    """What a run did."""
+
+    skipped: int = 0
+    redo: int = 0
+    images: int = 0
+    crops: int = 0
+    errors: int = 0
+    parts: int = 0
+    seconds: float = 0.0
+
+    @property
+    def crops_per_second(self) -> float:
+        """Chips cut per wall-clock second of the run, start-up included."""
+        return self.crops / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """One-line report for the end of a run."""
+        return (f"cut {self.crops} face chips from {self.images} images ({self.skipped} already done), "
+                f"{self.errors} error rows, {self.crops_per_second:.1f} crops/s in {self.seconds:.1f} s; "
+                f"{self.parts} parts written")
+
+
+# -- choosing faces ---------------------------------------------------------------------------
+
+def select_faces(batch: pa.Table, settings: CropSettings, done) -> pa.Table:
+    """Annotation rows -> (path, width, height, selected faces) for images with a face to cut that are not done yet."""
+    import ray
+
+    done_digests = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    paths = batch.column("path").to_pylist()
+    errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * len(paths)
+    faces_lists = batch.column("faces").to_pylist()
+    keep_paths, widths, heights, chosen = [], [], [], []
+    pending = np.ones(len(paths), dtype=bool)
+    if len(done_digests):
+        digests = path_digests(paths)
+        where = np.searchsorted(done_digests, digests).clip(max=len(done_digests) - 1)
+        pending = done_digests[where] != digests
+    width_column = batch.column("width").to_pylist() if "width" in batch.column_names else [None] * len(paths)
+    height_column = batch.column("height").to_pylist() if "height" in batch.column_names else [None] * len(paths)
+    for row, (path, error, faces) in enumerate(zip(paths, errors, faces_lists)):
+        if error is not None or not faces or not pending[row]:
+            continue  # annotate could not look at it, found no face, or this output has it
+        picked = []
+        for index, face in enumerate(faces):
+            box = face.get("box")
+            if box is None or face.get("score") is None or face["score"] < settings.min_score:
+                continue
+            if min(box[2] - box[0], box[3] - box[1]) < settings.min_size:
+                continue
+            picked.append({"index": index, "box": box, "score": face["score"],
+                           "landmarks": face.get("landmarks")})
+        if picked and settings.faces == "largest":
+            picked = [max(picked, key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]))]
+        elif picked and settings.faces == "best":
+            picked = [max(picked, key=lambda f: f["score"])]
+        if picked:
+            keep_paths.append(path)
+            widths.append(width_column[row])
+            heights.append(height_column[row])
+            chosen.append(picked)
+    return pa.table({"path": pa.array(keep_paths, pa.string()), "width": pa.array(widths, pa.int32()),
+                     "height": pa.array(heights, pa.int32()),
+                     "faces": pa.array(chosen, pa.list_(SELECTED_FACE))})
+
+
+# -- cutting ----------------------------------------------------------------------------------
+
+def chip_file_name(path: str, face: int, common_root: str, extension: str) -> str:
+    """Where a chip's file goes under --files: the image's folder below the common root, then <stem>_<face>.<ext>."""
+    relative = path[len(common_root):].lstrip("/") if common_root and path.startswith(common_root) \
+        else path.split("://", 1)[-1].lstrip("/")
+    folder, name = posixpath.split(relative.replace("\\", "/"))
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return posixpath.join(folder, f"{stem}_{face}.{extension}")
+
+
+class FaceCropper:
+    """Ray Data actor: cuts the chosen faces of a batch of images and commits them as one part."""
+
+    def __init__(self, settings: CropSettings, output: str, storage_options: dict, metadata: dict,
+                 files: str | None, common_root: str, max_pixels: int, owner: str) -> None:
+        # Ray gives each actor its CPU share; OpenCV's own threads would fight the other actors.
+        cv2.setNumThreads(1)
+        self.settings = settings
+        self.owner = owner
+        self.output = output
+        self.storage_options = storage_options
+        self.schema = CROP_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        self.files = files
+        self.common_root = common_root
+        self.policy = ReadPolicy(max_pixels=max_pixels)
+        self.extension = "jpg" if settings.image_format == "jpeg" else "png"
+        self.encode_params = [cv2.IMWRITE_JPEG_QUALITY, settings.quality] if settings.image_format == "jpeg" \
+            else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+        self.files_fs, self.files_root = filesystem(files, storage_options) if files else (None, "")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[dict] = []
+        paths = batch.column("path").to_pylist()
+        if not paths:
+            return pa.table({"part": pa.array([], pa.string()), "images": pa.array([], pa.int64()),
+                             "crops": pa.array([], pa.int64()), "errors": pa.array([], pa.int64())})
+        for path, width, height, faces in zip(paths, batch.column("width").to_pylist(),
+                                               batch.column("height").to_pylist(),
+                                               batch.column("faces").to_pylist()):
+            try:
+                rows.extend(self._cut(path, width, height, faces))
+            except Exception as error:  # noqa: BLE001 - one image's failure becomes its error row
+                rows.append(_error_row(path, f"cutting failed: {type(error).__name__}: {first_line(error)}",
+                                       TRANSIENT))
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        # The part is the batch's write: committed whole, named by its paths, so a retried task
+        # replaces it rather than adding a second copy of its rows.
+        name = part_name(paths)
+        data = parquet_bytes(table)
+        for attempt in range(COMMIT_RETRIES + 1):
+            try:
+                # Fencing, as annotate: a cropper left over from a job whose driver died must not
+                # write into an OUTPUT that a newer job now holds (their rows would be there twice).
+                Lease(self.output, self.storage_options, self.owner).check()
+                commit_file(self.output, name, data, self.storage_options)
+                break
+            except OSError:
+                # The store is unreachable for a moment; the part is whole in memory, so wait and
+                # try again. The last failure fails the task, which Ray Data retries.
+                if attempt == COMMIT_RETRIES:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
+        errors = table.num_rows - table.column("error").null_count
+        return pa.table({"part": [name], "images": [len(paths)], "crops": [table.num_rows - errors],
+                         "errors": [errors]})
+
+    def _cut(self, path: str, width: int | None, height: int | None, faces: list[dict]) -> list[dict]:
+        """The rows of one image: a chip per face, or one error row if the image cannot be read."""
+        try:
+            image = read_image(path, self.storage_options, self.policy)
+        except ReadFailure as failure:
+            return [_error_row(path, failure.reason, failure.kind)]
+        if width is not None and height is not None and (image.shape[1], image.shape[0]) != (width, height):
+            return [_error_row(path, f"image is {image.shape[1]}x{image.shape[0]} but was annotated at "
+                                     f"{width}x{height}: changed since annotate ran?", PERMANENT)]
+        rows = []
+        for face in faces:
+            row = {"path": path, "face": face["index"], "box": face["box"], "score": face["score"],
+                   "landmarks": face["landmarks"]}
+            try:
+                landmarks = np.asarray(face["landmarks"], np.float64) if face["landmarks"] is not None else None
+                chip, matrix = align_face(image, np.asarray(face["box"], np.float64), landmarks,
+                                          self.settings.align, self.settings.size, self.settings.margin)
+            except AlignError as error:
+                rows.append({**row, "error": str(error), "error_kind": PERMANENT})
+                continue
+            ok, encoded = cv2.imencode("." + self.extension, cv2.cvtColor(chip, cv2.COLOR_RGB2BGR),
+                                       self.encode_params)
+            if not ok:
+                rows.append({**row, "error": f"could not encode the chip as {self.settings.image_format}",
+                             "error_kind": TRANSIENT})
+                continue
+            data = encoded.tobytes()
+            if self.files_fs is not None:
+                # Files first, then the part: a committed row's file is always there.
+                target = join(self.files_root, chip_file_name(path, face["index"], self.common_root, self.extension))
+                if not is_remote(self.files):
+                    os.makedirs(posixpath.dirname(target), exist_ok=True)
+                self.files_fs.pipe_file(target, data)
+            points = transform_points(landmarks, matrix).ravel() if landmarks is not None else None
+            rows.append({**row, "crop": data, "width": chip.shape[1], "height": chip.shape[0],
+                         "crop_landmarks": points.tolist() if points is not None else None,
+                         "transform": matrix.ravel().tolist()})
+        return rows
+
+
+def _error_row(path: str, reason: str, kind: str) -> dict:
+    return {"path": path, "error": reason, "error_kind": kind}
+
+
+# -- output -----------------------------------------------------------------------------------
+
+def settings_metadata(config: CropsConfig, source: dict | None) -> dict:
+    """What made these chips: the crop settings and the annotate run they came from."""
+    return {"settings": asdict(config.settings),
+            "annotations": {"weights_sha256": ((source or {}).get("weights") or {}).get("sha256"),
+                            "detector": (source or {}).get("detector")},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def prepare_output(config: CropsConfig, metadata: dict) -> tuple[np.ndarray, int, int]:
+    """Check OUTPUT; clear it (--overwrite) or index it: (sorted digests of paths done, parts, rows to redo)."""
+    fs, root = filesystem(config.output, config.storage_options)
+    if not is_remote(config.output):
+        os.makedirs(root, exist_ok=True)
+        remove_stale_temporaries(config.output)
+    parts = committed_parts(config.output, config.storage_options)
+    if parts and config.overwrite:
+        fs.rm(parts)
+        log.info("--overwrite: removed %d parts of earlier runs from %s", len(parts), config.output)
+        parts = []
+    if not parts:
+        return np.zeros(0, dtype="S16"), 0, 0
+    with fs.open(parts[0], "rb") as handle:
+        raw = (pq.read_schema(handle).metadata or {}).get(METADATA_KEY)
+    earlier = json.loads(raw) if raw else {}
+    if earlier.get("settings") != metadata["settings"]:
+        raise OutputError(f"OUTPUT {config.output} holds chips made with other settings ({earlier.get('settings')}); "
+                          "pass --overwrite to replace them or choose another OUTPUT")
+    done, redo = [], 0
+    for path in parts:
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=["path", "error", "error_kind"])
+        mask = redo_mask(table, retry_errors=False)
+        count = int(pc.sum(mask).as_py() or 0)
+        if count:
+            # Transient error rows leave their part (rewritten in place, atomically) before their
+            # images are redone, so no face ever has two rows; a kill in between only redoes them.
+            with fs.open(path, "rb") as handle:
+                full = pq.read_table(handle)
+            kept = full.filter(pc.invert(mask))
+            if kept.num_rows:
+                commit_file(config.output, path.rsplit("/", 1)[-1], parquet_bytes(kept), config.storage_options)
+            else:
+                fs.rm_file(path)
+            table = table.filter(pc.invert(mask))
+            redo += count
+        done.append(path_digests(table.column("path").to_pylist()))
+    digests = np.unique(np.concatenate(done)) if done else np.zeros(0, dtype="S16")
+    return digests, len(parts), redo
+
+
+def common_root(location: str, storage_options: dict) -> str:
+    """The longest folder that holds every image the annotations name (from the min and max path of each file)."""
+    fs, files = annotation_files(location, storage_options)
+    low = high = None
+    for path in files:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            for batch in parquet.iter_batches(columns=["path"], batch_size=65536):
+                bounds = pc.min_max(batch.column(0))
+                if bounds["min"].as_py() is None:
+                    continue
+                low = bounds["min"].as_py() if low is None else min(low, bounds["min"].as_py())
+                high = bounds["max"].as_py() if high is None else max(high, bounds["max"].as_py())
+    if low is None:
+        return ""
+    # The common prefix of the smallest and largest string is that of all strings between them.
+    prefix = os.path.commonprefix([low, high])
+    return prefix[:prefix.rfind("/") + 1] if "/" in prefix else ""
+
+
+# -- the job ----------------------------------------------------------------------------------
+
+def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None = None) -> CropsSummary:
+    """Run the crops job; on_batch is called after each committed part."""
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from .ray_env import init_ray
+
+    started = time.perf_counter()
+    fs, files = annotation_files(config.annotations, config.storage_options)
+    with fs.open(files[0], "rb") as handle:
+        schema = pq.read_schema(handle)
+    check_schema(schema, files[0])
+    metadata = settings_metadata(config, run_metadata_of(config.annotations, config.storage_options))
+    owner = new_owner()
+    lease = Lease(config.output, config.storage_options, owner)
+    if not is_remote(config.output):
+        os.makedirs(filesystem(config.output)[1], exist_ok=True)
+    lease.acquire()
+    summary = CropsSummary()
+    try:
+        done, _, summary.redo = prepare_output(config, metadata)
+        summary.skipped = len(done)
+        log.info("%d images already cut in %s (%d transient error rows to redo)", len(done), config.output,
+                 summary.redo)
+        root = common_root(config.annotations, config.storage_options) if config.files else ""
+        init_ray(config.address)
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.enable_progress_bars = config.show_progress
+        context.execution_options.preserve_order = False
+        columns = [c for c in ("path", "width", "height", "faces", "error") if c in schema.names]
+        # Local paths as they are; object stores through the same fsspec filesystem (and options) as
+        # everything else, so endpoints and credentials work the same way for Ray's readers.
+        # Reading and choosing faces are light; small CPU shares keep them from waiting behind
+        # croppers that hold every whole CPU (which would stall the pipeline on a small machine).
+        dataset = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=None,
+                                        num_cpus=LIGHT_CPUS).select_columns(columns)  # pushed into the read
+        dataset = dataset.map_batches(select_faces, batch_format="pyarrow", batch_size=4096, num_cpus=LIGHT_CPUS,
+                                      fn_kwargs={"settings": config.settings, "done": ray.put(done)})
+        resources = ray.cluster_resources()
+        actors = config.concurrency or max(1, int((resources.get("CPU", 1) - LIGHT_CPUS) // config.cpus_per_actor))
+        dataset = dataset.map_batches(
+            FaceCropper, batch_size=config.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=config.cpus_per_actor,
+            fn_constructor_kwargs={"settings": config.settings, "output": config.output,
+                                   "storage_options": config.storage_options, "metadata": metadata,
+                                   "files": config.files, "common_root": root, "max_pixels": config.max_pixels,
+                                   "owner": owner})
+        last_report = time.monotonic()
+        for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            summary.parts += rows.num_rows
+            summary.images += int(pc.sum(rows.column("images")).as_py() or 0)
+            summary.crops += int(pc.sum(rows.column("crops")).as_py() or 0)
+            summary.errors += int(pc.sum(rows.column("errors")).as_py() or 0)
+            if time.monotonic() - last_report >= config.progress_seconds:
+                last_report = time.monotonic()
+                elapsed = time.perf_counter() - started
+                log.info("%d images, %d crops, %d errors, %.1f crops/s, %d parts", summary.images,
+                         summary.crops, summary.errors, summary.crops / elapsed, summary.parts)
+            if on_batch is not None:
+                on_batch(summary)
+    finally:
+        lease.release()
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of mtcnn-jobs crops."""
+    parser.add_argument("annotations", metavar="ANNOTATIONS",
+                        help="an annotate OUTPUT (folder or s3:// prefix) or a Parquet file with its schema")
+    parser.add_argument("output", metavar="OUTPUT", help="folder or object-store prefix for the chips' Parquet parts")
+    parser.add_argument("--align", choices=ALIGN_METHODS, default="similarity",
+                        help="similarity: the five landmarks onto the ArcFace 5-point template scaled to --size "
+                             "(default); box: the square around the box with --margin")
+    parser.add_argument("--size", type=int, default=112, help="chip width and height in pixels (default 112)")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="chip pixels of context around the face, half on each side (default 0)")
+    parser.add_argument("--min-score", type=float, default=0.0, help="cut only faces scoring at least this")
+    parser.add_argument("--min-size", type=float, default=0.0,
+                        help="cut only faces whose box is at least this many pixels on its shorter side")
+    parser.add_argument("--faces", choices=FACE_CHOICES, default="all",
+                        help="all faces of an image, or only its largest, or its best-scoring (default all)")
+    parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg", help="chip encoding (default jpeg)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    parser.add_argument("--files", metavar="DIR", default=None,
+                        help="also write each chip as a file: DIR/<image folder>/<image name>_<face>.jpg")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    parser.add_argument("--concurrency", type=int, default=None, help="cropper actors (default: one per CPU)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per cropper actor (default 1)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per cropper call and part (default 64)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="larger images become error rows (default 100e6)")
+    parser.add_argument("--storage-options", default=None,
+                        help="JSON object of fsspec/s3fs options, e.g. credentials or endpoint_url")
+    parser.add_argument("--overwrite", action="store_true", help="remove earlier chips in OUTPUT instead of resuming")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run mtcnn-jobs crops from parsed arguments; exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        settings = CropSettings(align=args.align, size=args.size, margin=args.margin, min_score=args.min_score,
+                                min_size=args.min_size, faces=args.faces, image_format=args.image_format,
+                                quality=args.quality)
+        config = CropsConfig(annotations=args.annotations, output=args.output, settings=settings, files=args.files,
+                             address=args.address, concurrency=args.concurrency,
+                             cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+                             storage_options=parse_storage_options(args.storage_options),
+                             overwrite=args.overwrite, max_pixels=args.max_pixels)
+        summary = crops(config)
+    except (AnnotationsError, OutputError, ValueError, ConnectionError) as error:
+        print(f"mtcnn-jobs crops: {error}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0
+
+
+__all__ = ["CROP_SCHEMA", "CropSettings", "CropsConfig", "CropsSummary", "FaceCropper", "chip_file_name",
+           "crops", "select_faces"]
