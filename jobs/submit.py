@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from .cluster_jobs import ClusterError, connect, exit_status, follow
-from .storage import SECRET_KEYS, redact
+from .redaction import is_secret_name, looks_like_secret, redact, redact_text
 
 #: Name of the generated package that carries secret settings to the job's processes.
 ENV_PACKAGE = "_mtcnn_job_env"
@@ -59,11 +59,6 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 class SubmitError(ValueError):
     """The submission is refused before anything reaches the cluster; the message says why."""
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable's name says it holds a credential."""
-    return any(part in name.lower() for part in SECRET_KEYS)
 
 
 @dataclass
