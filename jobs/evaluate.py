@@ -22,7 +22,8 @@ from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
                               load_wider_ground_truth, save_pr_curves)
 
-from .storage import filesystem, redact
+from .redaction import public_path, redact, redact_text
+from .storage import filesystem
 
 
 class ImageReadError(ValueError):
@@ -113,14 +114,13 @@ class AnnotateJobDetection:
             input=str(manifest), output=output, weights=self.weights, detector=self.detector,
             address=self.address, num_gpus=self.num_gpus, concurrency=self.concurrency,
             batch_size=self.batch_size, overwrite=True))
-        print(f"{label}: {summary.line()}", file=sys.stderr, flush=True)
+        print(redact_text(f"{label}: {summary.line()}"), file=sys.stderr, flush=True)
         table = read_annotations(output)
-        rows = {os.path.abspath(path) if "://" not in path else path: (faces, error) for path, faces, error in
+        rows = {_row_key(path): (faces, error) for path, faces, error in
                 zip(table["path"].to_pylist(), table["faces"].to_pylist(), table["error"].to_pylist())}
         results = []
         for path in paths:
-            faces, error = rows.get(os.path.abspath(path) if "://" not in path else path,
-                                    (None, "the annotate job returned no row for it"))
+            faces, error = rows.get(_row_key(path), (None, "the annotate job returned no row for it"))
             if error is not None or faces is None:
                 raise ImageReadError(f"{path}: {error}")
             faces = sorted(faces, key=lambda face: -face["score"])
@@ -129,6 +129,11 @@ class AnnotateJobDetection:
                 np.array([f["score"] for f in faces], np.float32),
                 np.array([f["landmarks"] for f in faces], np.float32).reshape(-1, 5, 2)))
         return results
+
+
+def _row_key(path: str) -> str:
+    """An image's key among annotate's rows, whose `path` is the input minus any credentials."""
+    return public_path(path) if "://" in path else os.path.abspath(path)
 
 
 #: Detection backend: (image paths, label for progress) -> detections per image, in order.
@@ -185,7 +190,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     weights = load_weights(config.weights)
     metrics: dict = {
         "weights": {"source": str(weights.source or config.weights), "sha256": weights.sha256,
-                    "provenance": redact(weights.provenance)},
+                    "provenance": weights.provenance},
         "detector": dataclasses.asdict(config.detector),
         "detection": "annotate Ray job" if config.use_ray else f"in process on {config.device}",
     }
@@ -211,6 +216,8 @@ def evaluate(config: EvaluateConfig) -> dict:
             landmarks = evaluate_landmark_list(detect, config.landmarks, config.limit)
             metrics["landmarks"] = {"list": str(config.landmarks), **landmarks.as_dict(),
                                     "seconds": time.perf_counter() - started}
+    # Sources, folders and provenance may name URLs that carry credentials.
+    metrics = redact(metrics)
     if config.output:
         output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
@@ -266,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, output=args.output, limit=args.limit, batch_size=args.batch_size,
             use_ray=args.ray, address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency))
     except (AnnotationError, ImageReadError, FileNotFoundError, ValueError, ConnectionError) as error:
-        print(f"mtcnn-jobs evaluate: {error}", file=sys.stderr)
+        print(f"mtcnn-jobs evaluate: {redact_text(str(error))}", file=sys.stderr)
         return 2
     print(format_table(metrics))
     if args.output:

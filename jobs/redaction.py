@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+import traceback
 from typing import Any
 from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
 
@@ -148,7 +150,7 @@ def _mask_quoted_pair(match: re.Match) -> str:
 
 def _mask_name_equals(match: re.Match) -> str:
     name, equals, value = match.groups()
-    if value.strip("\"'") in ("", MASK) or not (is_secret_name(name) or name.lower() in _SIGNING_PARAMS):
+    if not value.strip("\"'") or value.strip("\"'").startswith(MASK) or not (is_secret_name(name) or name.lower() in _SIGNING_PARAMS):
         return match.group(0)
     return f"{name}{equals}{MASK}"
 
@@ -231,9 +233,15 @@ class RedactingFilter(logging.Filter):
 _installed_factory = None
 
 
+def _masked_excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    sys.stderr.write(redact_text("".join(traceback.format_exception(kind, error, trace))))
+
+
 def install_log_redaction() -> None:
-    """Mask every log record this process creates, whichever logger and handler it goes to."""
+    """Mask every log record this process creates (any logger, any handler) and uncaught tracebacks."""
     global _installed_factory
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _masked_excepthook
     if _installed_factory is not None and logging.getLogRecordFactory() is _installed_factory:
         return
     # A filter on a logger misses records propagated from its children, and handlers come and go
