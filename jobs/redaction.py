@@ -61,13 +61,14 @@ _PEM_BLOCK = re.compile(
 _CONNECTION_FIELD = re.compile(
     r"(?i)\b(AccountKey|SharedAccessSignature|SharedAccessKey|Password|Pwd|ClientSecret)"
     r"(\s*=\s*)(\{[^}]*\}|[^;\s\"']*)")
-# HTTP headers whose whole value is a credential, as `Name: value`, `Name=value` or in JSON.
-_CREDENTIAL_HEADER = re.compile(
-    r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|x-auth-token|x-amz-security-token|"
-    r"x-goog-api-key|ocp-apim-subscription-key|cookie|set-cookie)"
-    r"([\"']?\s*[:=]\s*[\"']?)"
-    r"(?:(Bearer|Basic|Digest|Token|Negotiate|SharedKey|AWS4-HMAC-SHA256|GOOG4-HMAC-SHA256)\s+)?"
-    r"([^\r\n\"']+)")
+# HTTP headers whose whole value is a credential: as `Name: value` (a header line, JSON) the value
+# runs to the end of the line or quote; as `Name=value` (keyword arguments, environment) to the
+# next separator, so that the rest of a query string or command line survives.
+_HEADER_NAMES = (r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|x-auth-token|x-amz-security-token|"
+                 r"x-goog-api-key|ocp-apim-subscription-key|cookie|set-cookie)")
+_AUTH_SCHEME = r"(?:(Bearer|Basic|Digest|Token|Negotiate|SharedKey|AWS4-HMAC-SHA256|GOOG4-HMAC-SHA256)\s+)?"
+_CREDENTIAL_HEADER = re.compile(_HEADER_NAMES + r"([\"']?\s*:\s*[\"']?)" + _AUTH_SCHEME + r"([^\r\n\"']+)")
+_CREDENTIAL_ASSIGN = re.compile(_HEADER_NAMES + r"(\s*=\s*[\"']?)" + _AUTH_SCHEME + r"([^\s&;,\"']+)")
 _BEARER = re.compile(r"(?i)\b(Bearer)(\s+)[A-Za-z0-9._~+/-]{8,}=*")
 # `name=value` anywhere (environment dumps, query strings without a URL, command lines).
 _NAME_EQUALS = re.compile(r"(?<![\w.-])([A-Za-z_][\w.-]*)(=)(\"[^\"]*\"|'[^']*'|[^\s&;,\"'<>]+)")
@@ -141,6 +142,13 @@ def _mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+def _mask_url_match(match: re.Match) -> str:
+    # Punctuation that ends a sentence or a bracket is not part of the URL before it.
+    url = match.group(0)
+    trail = len(url) - len(url.rstrip(".,:;!?)]}"))
+    return _mask_url(url[:len(url) - trail]) + url[len(url) - trail:]
+
+
 def _mask_quoted_pair(match: re.Match) -> str:
     quote, name, colon, value_quote, value = match.groups()
     if not value or not is_secret_name(name):
@@ -165,8 +173,9 @@ def redact_text(text: str) -> str:
     if not text:
         return text
     text = _PEM_BLOCK.sub(lambda m: f"-----BEGIN {m.group(1)}-----{MASK}-----END {m.group(1)}-----", text)
-    text = _SCHEME_URL.sub(lambda m: _mask_url(m.group(0)), text)
+    text = _SCHEME_URL.sub(_mask_url_match, text)
     text = _CREDENTIAL_HEADER.sub(_mask_header, text)
+    text = _CREDENTIAL_ASSIGN.sub(_mask_header, text)
     text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
     text = _CONNECTION_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
     text = _QUOTED_PAIR.sub(_mask_quoted_pair, text)
@@ -240,8 +249,7 @@ def _masked_excepthook(kind: type[BaseException], error: BaseException, trace: A
 def install_log_redaction() -> None:
     """Mask every log record this process creates (any logger, any handler) and uncaught tracebacks."""
     global _installed_factory
-    if sys.excepthook is sys.__excepthook__:
-        sys.excepthook = _masked_excepthook
+    sys.excepthook = _masked_excepthook
     if _installed_factory is not None and logging.getLogRecordFactory() is _installed_factory:
         return
     # A filter on a logger misses records propagated from its children, and handlers come and go
