@@ -11,7 +11,7 @@ from typing import Callable, TextIO
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from .redaction import redact_text
+from .redaction import StreamRedactor, redact_text
 
 #: Exit status of `submit --wait` and `jobs logs --follow` per final job status.
 EXIT_STATUS = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.STOPPED: 3}
@@ -84,16 +84,13 @@ def follow(client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout,
     """Stream a job's log to out, masked, until it ends; the final status."""
 
     async def stream() -> None:
-        # Chunks end anywhere, also inside a secret: mask and write whole lines only.
-        pending = ""
+        # Chunks end anywhere, also inside a secret: the redactor masks whole lines and blocks.
+        redactor = StreamRedactor(mask)
         async for chunk in client.tail_job_logs(job_id):
-            lines, _, pending = (pending + chunk).rpartition("\n")
-            if lines:
-                out.write(mask(lines + "\n"))
-                out.flush()
-        if pending:
-            out.write(mask(pending))
+            out.write(redactor.feed(chunk))
             out.flush()
+        out.write(redactor.close())
+        out.flush()
 
     asyncio.run(stream())
     # The log stream closes when the job ends; its status may lag behind by a moment.

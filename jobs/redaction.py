@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import traceback
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
 
 #: What a secret is replaced with.
@@ -57,6 +57,7 @@ _PRESIGN_COMPANIONS = {
 _SCHEME_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>\\`]+")
 _PEM_BLOCK = re.compile(
     r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
+_PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 # Connection-string fields (Azure, ODBC/ADO.NET, Service Bus): the value runs to the next ';'.
 _CONNECTION_FIELD = re.compile(
     r"(?i)\b(AccountKey|SharedAccessSignature|SharedAccessKey|Password|Pwd|ClientSecret)"
@@ -217,6 +218,32 @@ def public_path(path: str) -> str:
 def looks_like_secret(name: str, value: str) -> bool:
     """Whether a setting is a credential, by its name or by the shape of its value."""
     return is_secret_name(name) or redact_text(value) != value or redact_text(f"{name}={value}") != f"{name}={value}"
+
+
+class StreamRedactor:
+    """Masks a text that arrives in pieces (a streamed log): whole lines, private keys across lines."""
+
+    #: Held back at most while waiting for the end of a private key; no real key is near this size.
+    MAX_HELD = 1 << 20
+
+    def __init__(self, mask: Callable[[str], str] = redact_text) -> None:
+        self._mask, self._pending = mask, ""
+
+    def feed(self, piece: str) -> str:
+        """The masked text of the complete lines so far (may be empty)."""
+        text = self._pending + piece
+        done, newline, self._pending = text.rpartition("\n")
+        ready = done + newline
+        # A piece may end inside a PEM block: its remaining lines would carry no BEGIN marker.
+        begins = list(_PEM_BEGIN.finditer(ready))
+        if begins and "-----END " not in ready[begins[-1].end():] and len(text) < self.MAX_HELD:
+            ready, self._pending = ready[:begins[-1].start()], ready[begins[-1].start():] + self._pending
+        return self._mask(ready) if ready else ""
+
+    def close(self) -> str:
+        """The masked rest of the text, at its end."""
+        rest, self._pending = self._pending, ""
+        return self._mask(rest) if rest else ""
 
 
 class RedactingFilter(logging.Filter):

@@ -24,7 +24,7 @@ import pytest
 import jobs.storage
 from jobs import redaction
 from jobs.cli import main
-from jobs.redaction import MASK, install_log_redaction, looks_like_secret, public_path, redact, redact_text
+from jobs.redaction import MASK, StreamRedactor, install_log_redaction, looks_like_secret, public_path, redact, redact_text
 from jobs.submit import SubmitError, check_arguments, parse_env
 from secret_shapes import all_secrets, build_corpus, scan, scan_tree
 
@@ -149,6 +149,16 @@ def test_looks_like_secret_by_name_or_by_value():
     for name, value in (("AWS_ENDPOINT_URL", "http://127.0.0.1:9000"), ("AWS_DEFAULT_REGION", "us-east-1"),
                         ("OMP_NUM_THREADS", "4"), ("INPUT", "s3://bucket/images/")):
         assert not looks_like_secret(name, value)
+
+
+def test_a_stream_cut_anywhere_is_masked_like_the_whole_text():
+    text = "".join(f"line {i}: {shape.text}\n" for i, shape in enumerate(CORPUS)) + "last, unterminated"
+    whole = redact_text(text)
+    for size in (1, 7, 64, 1000):
+        redactor = StreamRedactor()
+        streamed = "".join(redactor.feed(text[i:i + size]) for i in range(0, len(text), size)) + redactor.close()
+        assert streamed == whole, size
+        assert not scan(SECRETS, streamed)
 
 
 @pytest.fixture
@@ -297,9 +307,13 @@ def test_submit_ships_every_shape_without_showing_it(ray_head, tmp_path):
     logs = mtcnn_jobs(ray_head.environ, "jobs", "logs", "ships-secrets")
     shown = [done.stdout, done.stderr, json.dumps(details), status.stdout, status.stderr, logs.stdout, logs.stderr]
     assert not scan(SECRETS + [environ["GOOGLE_APPLICATION_CREDENTIALS"]], *shown)
-    # Ray's own log files of the head (its job manager, agents, drivers) hold none either.
+    # Ray's own log files of the head (its job manager, agents, this job's driver) hold none
+    # either; only the job above that printed them on purpose has them in its driver's log.
     session_logs = [p for p in ray_head.temp_dir.glob("session_*/logs") if p.is_dir()]
-    assert session_logs and not scan_tree(SECRETS, *session_logs)
+    leaks = {path: found for path, found in scan_tree(SECRETS, *session_logs).items()
+             if "prints-secrets" not in Path(path).name}
+    assert session_logs and not leaks
+    assert list(session_logs[0].glob("job-driver-ships-secrets*"))
 
     refused = mtcnn_jobs(environ, "submit", "--no-working-dir", "preview",
                          next(s.text for s in CORPUS if s.name == "azure-sas-url"), "--out", str(tmp_path / "g"))
