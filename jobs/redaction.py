@@ -29,7 +29,7 @@ SECRET_NAME_PARTS = ("key", "secret", "token", "password", "passwd", "session", 
                      "signature", "authorization", "cookie", "connectionstring", "connstr",
                      "databaseurl", "dburl", "dsn", "privatekey", "googleaccessid")
 #: Whole words of a name that say the same (too short to look for inside other words).
-SECRET_NAME_WORDS = ("pwd", "pass", "sig", "sas", "auth", "jwt", "apikey", "bearer")
+SECRET_NAME_WORDS = ("pwd", "pass", "sig", "sas", "auth", "jwt", "bearer")
 
 # Query parameters that sign or authorise a URL: masked in text, dropped from stored paths.
 _SIGNING_PARAMS = {
@@ -39,8 +39,9 @@ _SIGNING_PARAMS = {
     "x-goog-signature", "x-goog-credential", "googleaccessid",
     # Azure SAS.
     "sig",
-    # OAuth and API keys in the query.
-    "token", "access_token", "id_token", "refresh_token", "key", "api_key", "apikey",
+    # OAuth tokens and API keys in the query. Not plain `key`: it often names an object, and
+    # dropping it from a stored path would merge distinct images (a key-shaped value still goes).
+    "token", "access_token", "id_token", "refresh_token", "api_key", "apikey",
     "password", "secret", "client_secret", "auth", "sas",
 }
 # Companions of a signature: harmless alone, but part of the presign, so they go with it. Azure
@@ -159,7 +160,8 @@ def _mask_quoted_pair(match: re.Match) -> str:
 
 def _mask_name_equals(match: re.Match) -> str:
     name, equals, value = match.groups()
-    if not value.strip("\"'") or value.strip("\"'").startswith(MASK) or not (is_secret_name(name) or name.lower() in _SIGNING_PARAMS):
+    unquoted = value.strip("\"'")
+    if not unquoted or unquoted.startswith(MASK) or not is_secret_name(name):
         return match.group(0)
     return f"{name}{equals}{MASK}"
 
@@ -209,7 +211,8 @@ def public_path(path: str) -> str:
     if query:
         fields = _query_fields(query)
         secret = _credential_names([name for _, name in fields])
-        query = "&".join(field for field, name in fields if name not in secret)
+        query = "&".join(field for field, name in fields if name not in secret
+                         and not _KEY_FORMATS.search(unquote_plus(field.partition("=")[2])))
     if (netloc, query) == (parts.netloc, parts.query):
         return path
     return urlunsplit(parts._replace(netloc=netloc, query=query))
@@ -217,7 +220,7 @@ def public_path(path: str) -> str:
 
 def looks_like_secret(name: str, value: str) -> bool:
     """Whether a setting is a credential, by its name or by the shape of its value."""
-    return is_secret_name(name) or redact_text(value) != value or redact_text(f"{name}={value}") != f"{name}={value}"
+    return is_secret_name(name) or redact_text(value) != value
 
 
 class StreamRedactor:

@@ -48,6 +48,11 @@ from pathlib import Path
 def apply() -> None:
     """Put the shipped settings into this process's environment (Ray runs it in every worker)."""
     os.environ.update(json.loads((Path(__file__).parent / "values.json").read_text()))
+    try:  # this hook replaces the one init_ray sets: mask what the worker logs here too
+        from jobs.redaction import install_log_redaction
+    except ImportError:
+        return
+    install_log_redaction()
 '''
 # The job's driver is not a Ray worker, so the entrypoint runs it through this module.
 _ENV_PACKAGE_MAIN = '''import os

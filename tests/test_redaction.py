@@ -108,6 +108,11 @@ def test_public_path_is_the_same_for_a_re_signed_url_and_keeps_what_is_not_a_cre
                       "file:///tmp/x.jpg", "gs://bkt/dir/"):
         assert public_path(unchanged) == unchanged
     assert public_path("s3://AKIAIOSFODNN7EXAMPLE:wJalr%2Fxyz@bucket/k.jpg") == "s3://bucket/k.jpg"
+    # `key` often names the object: distinct images keep distinct paths; a key-shaped value goes.
+    assert public_path("https://h/get?key=photos/1.jpg") != public_path("https://h/get?key=photos/2.jpg")
+    google_key = _shape("google-api-key").text
+    assert public_path(f"https://h/get?id=1&key={google_key}") == "https://h/get?id=1"
+    assert redact_text("https://h/get?key=photos/1.jpg") == "https://h/get?key=***"  # masked when shown
 
 
 def test_redact_masks_options_by_name_and_by_shape():
