@@ -48,7 +48,7 @@ from pathlib import Path
 def apply() -> None:
     """Put the shipped settings into this process's environment (Ray runs it in every worker)."""
     os.environ.update(json.loads((Path(__file__).parent / "values.json").read_text()))
-    try:  # this hook replaces the one init_ray sets: mask what the worker logs here too
+    try:  # the job's one setup hook: mask what the worker logs, as the CLI does
         from jobs.redaction import install_log_redaction
     except ImportError:
         return
@@ -166,6 +166,8 @@ def runtime_environment(settings: JobSettings, working_dir: str | None) -> Itera
     if settings.plain:
         runtime_env["env_vars"] = dict(settings.plain)
     if not settings.secret:
+        # Workers mask what they log, as the CLI does (with secrets, the package's hook does it).
+        runtime_env["worker_process_setup_hook"] = "jobs.redaction.install_log_redaction"
         yield runtime_env, []
         return
     with tempfile.TemporaryDirectory(prefix="mtcnn-submit-") as folder:
