@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .redaction import install_log_redaction
+
 # Subcommand -> (module, one-line help). Each module defines add_arguments(parser) and
 # run(args) -> int (the exit status).
 COMMANDS = {
@@ -51,6 +53,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the mtcnn-jobs console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Before any command runs: whatever a library logs (a failing URL, a request's headers) is
+    # masked on its way to the console and to Ray's log files.
+    install_log_redaction()
     # The subcommand comes first; without a known one (help, a typo) nothing needs importing.
     command = argv[0] if argv and argv[0] in COMMANDS else ""
     args = build_parser(only=command).parse_args(argv)

@@ -11,6 +11,8 @@ from typing import Callable, TextIO
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from .redaction import StreamRedactor, redact_text
+
 #: Exit status of `submit --wait` and `jobs logs --follow` per final job status.
 EXIT_STATUS = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.STOPPED: 3}
 #: Environment variables that name the job server when --address is not given (Ray's own names).
@@ -78,13 +80,17 @@ def _job_or_error(client: JobSubmissionClient, job_id: str):
 
 
 def follow(client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout,
-           mask: Callable[[str], str] = lambda text: text) -> JobStatus:
-    """Stream a job's log to out until it ends; the final status."""
+           mask: Callable[[str], str] = redact_text) -> JobStatus:
+    """Stream a job's log to out, masked, until it ends; the final status."""
 
     async def stream() -> None:
+        # Chunks end anywhere, also inside a secret: the redactor masks whole lines and blocks.
+        redactor = StreamRedactor(mask)
         async for chunk in client.tail_job_logs(job_id):
-            out.write(mask(chunk))
+            out.write(redactor.feed(chunk))
             out.flush()
+        out.write(redactor.close())
+        out.flush()
 
     asyncio.run(stream())
     # The log stream closes when the job ends; its status may lag behind by a moment.
@@ -129,17 +135,18 @@ def run(args: argparse.Namespace) -> int:
         client = connect(args.address)
         info = _job_or_error(client, args.job_id)
         if args.action == "status":
+            # Jobs submitted by other means may carry credentials in their entrypoint or message.
             print(f"{args.job_id}: {info.status.value}")
-            print(f"entrypoint: {info.entrypoint}")
+            print(f"entrypoint: {redact_text(info.entrypoint)}")
             if info.message:
-                print(f"message: {info.message}")
+                print(f"message: {redact_text(info.message)}")
             return 0
         if args.action == "logs":
             if args.follow:
                 status = follow(client, args.job_id)
                 print(f"job {args.job_id} {status.value}", file=sys.stderr)
                 return exit_status(status)
-            sys.stdout.write(client.get_job_logs(args.job_id))
+            sys.stdout.write(redact_text(client.get_job_logs(args.job_id)))
             return 0
         # stop
         if info.status.is_terminal():
@@ -152,5 +159,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"job {args.job_id} {status.value}")
         return 0
     except ClusterError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 2

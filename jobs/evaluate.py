@@ -23,7 +23,8 @@ from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_la
                               load_wider_ground_truth, save_pr_curves)
 
 from .annotation_files import AnnotationsError, flatten_faces, iter_batches, run_metadata_of
-from .storage import filesystem, parse_storage_options, redact
+from .redaction import public_path, redact, redact_text
+from .storage import filesystem, parse_storage_options
 
 
 class ImageReadError(ValueError):
@@ -114,14 +115,13 @@ class AnnotateJobDetection:
             input=str(manifest), output=output, weights=self.weights, detector=self.detector,
             address=self.address, num_gpus=self.num_gpus, concurrency=self.concurrency,
             batch_size=self.batch_size, overwrite=True))
-        print(f"{label}: {summary.line()}", file=sys.stderr, flush=True)
+        print(redact_text(f"{label}: {summary.line()}"), file=sys.stderr, flush=True)
         table = read_annotations(output)
-        rows = {os.path.abspath(path) if "://" not in path else path: (faces, error) for path, faces, error in
+        rows = {_row_key(path): (faces, error) for path, faces, error in
                 zip(table["path"].to_pylist(), table["faces"].to_pylist(), table["error"].to_pylist())}
         results = []
         for path in paths:
-            faces, error = rows.get(os.path.abspath(path) if "://" not in path else path,
-                                    (None, "the annotate job returned no row for it"))
+            faces, error = rows.get(_row_key(path), (None, "the annotate job returned no row for it"))
             if error is not None or faces is None:
                 raise ImageReadError(f"{path}: {error}")
             faces = sorted(faces, key=lambda face: -face["score"])
@@ -214,6 +214,11 @@ def _wider_prediction_rows(folder: str):
             yield f"{event}/{lines[0].strip()}.jpg", Detections(
                 boxes.astype(np.float32), numbers[:, 4].astype(np.float32),
                 np.full((len(numbers), 5, 2), np.nan, np.float32)), None
+
+
+def _row_key(path: str) -> str:
+    """An image's key among annotate's rows, whose `path` is the input minus any credentials."""
+    return public_path(path) if "://" in path else os.path.abspath(path)
 
 
 #: Detection backend: (image paths, label for progress) -> detections per image, in order.
@@ -312,6 +317,8 @@ def evaluate(config: EvaluateConfig) -> dict:
             landmarks = evaluate_landmark_list(detect, config.landmarks, config.limit)
             metrics["landmarks"] = {"list": str(config.landmarks), **landmarks.as_dict(),
                                     "seconds": time.perf_counter() - started}
+    # Sources, folders and provenance may name URLs that carry credentials.
+    metrics = redact(metrics)
     if config.output:
         output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
@@ -375,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
             use_ray=args.ray, address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
             predictions=args.predictions, storage_options=parse_storage_options(args.storage_options)))
     except (AnnotationError, AnnotationsError, ImageReadError, FileNotFoundError, ValueError, ConnectionError) as error:
-        print(f"mtcnn-jobs evaluate: {error}", file=sys.stderr)
+        print(f"mtcnn-jobs evaluate: {redact_text(str(error))}", file=sys.stderr)
         return 2
     print(format_table(metrics))
     if args.output:

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from mtcnn.detector import DetectorConfig
 from mtcnn.pyramid import PYRAMIDS
 
-from .storage import filesystem, is_remote, parse_storage_options, redact
+from .redaction import public_path, redact, redact_text
+from .storage import filesystem, is_remote, parse_storage_options
 from .training.augment import AugmentConfig
 from .training.samples import SampleConfig, face_samples, landmark_samples, to_table
 from .training.schema import KIND_NAMES, SAMPLE_SCHEMA, STAGES, SUMMARY_FILE, stage_folder
@@ -206,10 +207,11 @@ class SampleMaker:
             sets.append(landmark_samples(image, boxes, points, ignore, self.samples, rng))
             for samples in sets:
                 if len(samples):
-                    tables.append(to_table(samples, path, self.samples.stage))
+                    # The shards keep the image's path minus any credentials it carries.
+                    tables.append(to_table(samples, public_path(path), self.samples.stage))
         for path, reason in errors:
             # Surfaces in the driver's log; the summary lists every image without samples.
-            print(f"prepare: skipped {path}: {reason}", file=sys.stderr)
+            print(redact_text(f"prepare: skipped {path}: {reason}"), file=sys.stderr)
         if not tables:
             return SAMPLE_SCHEMA.empty_table()
         table = pa.concat_tables(tables)
@@ -390,7 +392,7 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
     kinds = np.asarray(written.column("kind").to_numpy(), np.int64)
     counts = {name: int((kinds == kind).sum()) for kind, name in KIND_NAMES.items()}
     sources = set(written.column("source").unique().to_pylist())
-    empty = [a.path for a in faces + landmarks if a.path not in sources]
+    empty = [public_path(a.path) for a in faces + landmarks if public_path(a.path) not in sources]
     summary = PrepareSummary(config.stage, stage_folder(config.output, config.stage), counts, len(faces),
                              len(landmarks), empty, time.perf_counter() - started, len(shards))
     _write_summary(fs, root, config, samples, summary)
@@ -398,8 +400,8 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
 
 
 def _write_summary(fs, root: str, config: PrepareConfig, samples: SampleConfig, summary: PrepareSummary) -> None:
-    """Record the run next to its shards (options with secrets redacted)."""
-    record = {
+    """Record the run next to its shards (secrets in options and paths redacted)."""
+    record = redact({
         "stage": summary.stage, "counts": summary.counts, "seconds": round(summary.seconds, 3),
         "face_images": summary.face_images, "landmark_images": summary.landmark_images,
         "images_without_samples": summary.empty_images, "shards": summary.shards,
@@ -407,8 +409,8 @@ def _write_summary(fs, root: str, config: PrepareConfig, samples: SampleConfig, 
         "augment": dataclasses.asdict(config.augment) if config.augment else None,
         "mining": dataclasses.asdict(config.mining) if config.stage in MINED_BY else None,
         "weights": config.weights, "seed": config.seed, "faces": config.faces, "landmarks": config.landmarks,
-        "storage_options": redact(config.storage_options),
-    }
+        "storage_options": config.storage_options,
+    })
     if config.stage in MINED_BY:
         from mtcnn.weights import load_weights
         record["weights_sha256"] = load_weights(config.weights).sha256
@@ -500,8 +502,8 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         summary = prepare_stage(config)
     except (PrepareError, AnnotationError, ValueError) as error:
-        print(f"prepare: {error}", file=sys.stderr)
+        print(f"prepare: {redact_text(str(error))}", file=sys.stderr)
         return 2
     for line in summary.lines():
-        print(line)
+        print(redact_text(line))
     return 0

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .reading import ReadFailure, ReadPolicy, read_image
+from .redaction import public_path, redact_text
 from .schema import read_annotations
 from .storage import parse_storage_options
 
@@ -72,7 +73,7 @@ def make_preview(config: PreviewConfig) -> str:
         if image is None:
             cards.append(_card(row["path"], None, f"cannot show: {error}"))
             continue
-        name = f"{index:04d}-{_safe_name(row['path'])}.jpg"
+        name = f"{index:04d}-{_safe_name(public_path(row['path']))}.jpg"
         drawn = draw_faces(image, faces, config.min_score)
         cv2.imwrite(os.path.join(config.out_dir, name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -82,16 +83,22 @@ def make_preview(config: PreviewConfig) -> str:
                   file=sys.stderr)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    errors = "".join(f"<tr><td>{html.escape(r['path'])}</td><td>{html.escape(r['error'])}</td></tr>"
+    # Rows written before paths were stored without credentials may still hold some: mask them.
+    errors = "".join(f"<tr><td>{_shown(r['path'])}</td><td>{_shown(r['error'])}</td></tr>"
                      for r in failed.slice(0, 100).select(["path", "error"]).to_pylist())
     page = _PAGE.format(
-        title=html.escape(config.output), count=table.num_rows, annotated=annotated.num_rows,
+        title=_shown(config.output), count=table.num_rows, annotated=annotated.num_rows,
         failed=failed.num_rows, shown=len(cards), cards="\n".join(cards),
         errors=f"<h2>Images with errors (first 100)</h2><table>{errors}</table>" if errors else "")
     index_path = os.path.join(config.out_dir, "index.html")
     with open(index_path, "w", encoding="utf-8") as handle:
         handle.write(page)
     return index_path
+
+
+def _shown(text: str) -> str:
+    """text for the page: credentials masked, HTML escaped."""
+    return html.escape(redact_text(text))
 
 
 def _safe_name(path: str) -> str:
@@ -102,8 +109,8 @@ def _safe_name(path: str) -> str:
 def _card(path: str, image_name: str | None, caption: str) -> str:
     picture = f'<a href="{html.escape(image_name)}"><img src="{html.escape(image_name)}" loading="lazy"></a>' \
         if image_name else ""
-    return (f'<figure>{picture}<figcaption><b>{html.escape(caption)}</b><br>'
-            f'<span class="path">{html.escape(path)}</span></figcaption></figure>')
+    return (f'<figure>{picture}<figcaption><b>{_shown(caption)}</b><br>'
+            f'<span class="path">{_shown(path)}</span></figcaption></figure>')
 
 
 _PAGE = """<!doctype html>
@@ -147,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                                storage_options=parse_storage_options(args.storage_options))
         index = make_preview(config)
     except (FileNotFoundError, ValueError, OSError) as error:
-        print(f"mtcnn-jobs preview: {error}", file=sys.stderr)
+        print(f"mtcnn-jobs preview: {redact_text(str(error))}", file=sys.stderr)
         return 2
-    print(f"wrote {index}")
+    print(f"wrote {redact_text(index)}")
     return 0

@@ -22,5 +22,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # None starts the dashboard where its dependencies are installed (ray[default]).
-        ray.init(num_cpus=num_cpus, include_dashboard=None if dashboard else False, **kwargs)
+        # None starts the dashboard where its dependencies are installed (ray[default]). Workers
+        # mask credentials in what they log, as the CLI does (a cluster's jobs get this from
+        # submit's runtime environment instead: one given here would replace the job's).
+        ray.init(num_cpus=num_cpus, include_dashboard=None if dashboard else False,
+                 runtime_env={"worker_process_setup_hook": "jobs.redaction.install_log_redaction"},
+                 **kwargs)

@@ -7,8 +7,7 @@ import os
 
 import fsspec
 
-# Keys whose values must never reach logs, job metadata or outputs.
-SECRET_KEYS = ("key", "secret", "token", "password", "session", "credential")
+from .redaction import redact  # noqa: F401 - kept here for callers that import it from storage
 
 
 def parse_storage_options(text: str | None) -> dict:
@@ -23,16 +22,6 @@ def parse_storage_options(text: str | None) -> dict:
         raise ValueError("--storage-options must be a JSON object, e.g. "
                          '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     return options
-
-
-def redact(value):
-    """A copy of options with secret-looking values replaced, safe to print or store."""
-    if isinstance(value, dict):
-        return {k: ("***" if any(s in str(k).lower() for s in SECRET_KEYS) else redact(v))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

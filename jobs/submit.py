@@ -6,8 +6,12 @@ What travels with a job (its runtime environment):
   - the working directory (default: the current one, minus .gitignore'd files), so that relative
     paths in the command, such as a training config, mean on the cluster what they mean here;
   - settings named with --env: plain ones as environment variables of the job (visible in the job's
-    details), secret ones (names with KEY, SECRET, TOKEN, ...) in a private package that sets them
-    in the job's processes, so that their values appear in no job metadata, entrypoint or log.
+    details), secret ones in a private package that sets them in the job's processes, so that their
+    values appear in no job metadata, entrypoint or log. A setting is secret when its name says so
+    (KEY, SECRET, TOKEN, PASSWORD, CREDENTIAL, CONNECTION_STRING, DATABASE_URL, ...), when its value
+    looks like a credential (a URL with user:password@, a presigned or SAS query, a connection
+    string with AccountKey= or Password=, a bearer token, a private key, ...; see jobs.redaction),
+    or when it is named with --secret-env.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from .cluster_jobs import ClusterError, connect, exit_status, follow
-from .storage import SECRET_KEYS, redact
+from .redaction import is_secret_name, looks_like_secret, redact, redact_text
 
 #: Name of the generated package that carries secret settings to the job's processes.
 ENV_PACKAGE = "_mtcnn_job_env"
@@ -44,6 +48,11 @@ from pathlib import Path
 def apply() -> None:
     """Put the shipped settings into this process's environment (Ray runs it in every worker)."""
     os.environ.update(json.loads((Path(__file__).parent / "values.json").read_text()))
+    try:  # the job's one setup hook: mask what the worker logs, as the CLI does
+        from jobs.redaction import install_log_redaction
+    except ImportError:
+        return
+    install_log_redaction()
 '''
 # The job's driver is not a Ray worker, so the entrypoint runs it through this module.
 _ENV_PACKAGE_MAIN = '''import os
@@ -61,11 +70,6 @@ class SubmitError(ValueError):
     """The submission is refused before anything reaches the cluster; the message says why."""
 
 
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable's name says it holds a credential."""
-    return any(part in name.lower() for part in SECRET_KEYS)
-
-
 @dataclass
 class JobSettings:
     """Environment variables for a job, split by whether their values may be shown."""
@@ -78,11 +82,11 @@ class JobSettings:
         return sorted([*self.plain, *self.secret])
 
     def mask(self, text: str) -> str:
-        """text with every secret value replaced by ***."""
+        """text with every secret value, and anything else shaped like a credential, replaced by ***."""
         for value in sorted(self.secret.values(), key=len, reverse=True):
             if len(value) >= 4:
                 text = text.replace(value, "***")
-        return text
+        return redact_text(text)
 
 
 def parse_env(specs: Sequence[str], environ: Mapping[str, str],
@@ -92,17 +96,18 @@ def parse_env(specs: Sequence[str], environ: Mapping[str, str],
     settings = JobSettings()
     for spec in [*specs, *secret_names]:
         name, has_value, value = spec.partition("=")
-        secret = is_secret_name(name) or spec in secret_names
         if not _ENV_NAME.fullmatch(name):
             raise SubmitError(f"--env {name!r}: not an environment variable name")
-        if has_value and secret:
-            raise SubmitError(f"--env {name}=...: secret values do not belong on the command line "
-                              f"(shell history, process lists); run `export {name}=...` and pass "
-                              f"--env {name}")
+        if has_value and (spec in secret_names or looks_like_secret(name, value)):
+            what = "secret values" if is_secret_name(name) else "values that look like credentials"
+            raise SubmitError(f"--env {name}=...: {what} do not belong on the command line "
+                              f"(shell history, process lists, the job's details); run "
+                              f"`export {name}=...` and pass --env {name} (it then travels as a secret)")
         if not has_value:
             if name not in environ:
                 raise SubmitError(f"--env {name}: {name} is not set in this environment")
             value = environ[name]
+        secret = spec in secret_names or looks_like_secret(name, value)
         (settings.secret if secret else settings.plain)[name] = value
     return settings
 
@@ -110,21 +115,33 @@ def parse_env(specs: Sequence[str], environ: Mapping[str, str],
 def check_arguments(arguments: list[str], settings: JobSettings) -> None:
     """Refuse command arguments that would put credentials into the job's entrypoint."""
     for argument in arguments:
-        if settings.mask(argument) != argument:
+        if any(len(v) >= 4 and v in argument for v in settings.secret.values()):
             raise SubmitError("a secret --env value appears in the command's arguments; the "
                               "entrypoint is stored and shown with the job, refer to the variable instead")
-        for candidate in (argument, argument.partition("=")[2]):
-            if not candidate.lstrip().startswith("{"):
-                continue
-            try:
-                options = json.loads(candidate)
-            except json.JSONDecodeError:
-                continue
-            if redact(options) != options:
-                raise SubmitError(
-                    "the command's arguments hold credentials (e.g. in --storage-options); the "
-                    "entrypoint is stored and shown with the job: drop them from the options and "
-                    "pass them as variables, e.g. --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY")
+        _check_json_options(argument)
+        if redact_text(argument) != argument:
+            raise SubmitError(
+                f"the command's argument {redact_text(argument)!r} holds a credential (a URL with "
+                "user:password@, a presigned or SAS query, a key or token); the entrypoint is stored "
+                "and shown with the job. Pass credentials as variables instead (export them and add "
+                "--env NAME or --secret-env NAME), and list presigned URLs in a manifest file in the "
+                "working directory rather than on the command line")
+
+
+def _check_json_options(argument: str) -> None:
+    """Refuse JSON options (e.g. --storage-options) that hold credentials by name or by shape."""
+    for candidate in (argument, argument.partition("=")[2]):
+        if not candidate.lstrip().startswith("{"):
+            continue
+        try:
+            options = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if redact(options) != options:
+            raise SubmitError(
+                "the command's arguments hold credentials (e.g. in --storage-options); the "
+                "entrypoint is stored and shown with the job: drop them from the options and "
+                "pass them as variables, e.g. --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY")
 
 
 def local_paths(arguments: list[str]) -> list[str]:
@@ -149,6 +166,8 @@ def runtime_environment(settings: JobSettings, working_dir: str | None) -> Itera
     if settings.plain:
         runtime_env["env_vars"] = dict(settings.plain)
     if not settings.secret:
+        # Workers mask what they log, as the CLI does (with secrets, the package's hook does it).
+        runtime_env["worker_process_setup_hook"] = "jobs.redaction.install_log_redaction"
         yield runtime_env, []
         return
     with tempfile.TemporaryDirectory(prefix="mtcnn-submit-") as folder:
@@ -183,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(KEY=VALUE, not for secrets); repeat for more")
     parser.add_argument("--secret-env", action="append", default=[], metavar="KEY",
                         help="environment variable from this environment whose value must not show, "
-                             "whatever its name (names with KEY, SECRET, TOKEN, ... are secret anyway)")
+                             "whatever its name or shape (names with KEY, SECRET, TOKEN, ... and "
+                             "credential-shaped values are secret anyway)")
     parser.add_argument("--working-dir", default=".",
                         help="folder shipped as the job's working directory (default: the current one)")
     parser.add_argument("--no-working-dir", action="store_true",
@@ -206,9 +226,10 @@ def _check_command(command: str, arguments: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Submit the command; with --wait, follow it to the end."""
     try:
-        _check_command(args.command, args.arguments)
         settings = parse_env(args.env, os.environ, args.secret_env)
+        # Credentials first: a usage error from parsing would echo the arguments as given.
         check_arguments(args.arguments, settings)
+        _check_command(args.command, args.arguments)
         for path in local_paths(args.arguments):
             print(f"note: {path} is a path on this machine; cluster nodes only see their own disks "
                   "(use object storage, e.g. s3://, or a shared filesystem)", file=sys.stderr)
@@ -220,9 +241,9 @@ def run(args: argparse.Namespace) -> int:
             client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
                               metadata={"submitted_by": "mtcnn-jobs submit", "command": args.command})
     except (SubmitError, ClusterError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 2
-    address = client.get_address()
+    address = redact_text(client.get_address())
     print(f"submitted {job_id} to {address}")
     if settings.names():
         print(f"environment: {', '.join(settings.names())} (values not shown)")

@@ -8,6 +8,7 @@ import sys
 from mtcnn.nets import STAGES
 
 from .ray_env import init_ray
+from .redaction import redact_text
 from .storage import parse_storage_options
 from .training.trainer import TrainConfig
 
@@ -60,7 +61,7 @@ def _run_recipe(args: argparse.Namespace) -> int:
     config = load_recipe(args.config)
     init_ray(args.address, num_cpus=args.num_cpus, dashboard=True)
     summary = run_recipe(config, args.output)
-    print(f"recipe finished in {summary.seconds / 60:.1f} min: {summary.weights_path}")
+    print(f"recipe finished in {summary.seconds / 60:.1f} min: {redact_text(summary.weights_path)}")
     for stage, record in summary.stages.items():
         metrics = record.get("final_metrics") or {}
         print(f"  {stage}: {record.get('counts')} accuracy {metrics.get('accuracy', float('nan')):.3f} "
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         init_ray(args.address, num_cpus=args.num_cpus, dashboard=True)
         summary = train_stage(config)
     except ValueError as error:  # includes WeightsError and PrepareError
-        print(f"train: {error}", file=sys.stderr)
+        print(f"train: {redact_text(str(error))}", file=sys.stderr)
         return 2
-    print(f"weights: {summary.weights_path}")
+    print(f"weights: {redact_text(summary.weights_path)}")
     return 0

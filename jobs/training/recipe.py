@@ -13,7 +13,7 @@ import yaml
 
 from mtcnn.nets import STAGES
 
-from ..storage import redact
+from ..redaction import redact, redact_text
 from .schema import SUMMARY_FILE, stage_folder
 from .trainer import WEIGHTS_FILE, TrainConfig, TrainSummary, train_stage
 
@@ -152,7 +152,7 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str 
           f"{f' mined with {weights}' if weights else ''}", flush=True)
     summary = prepare_stage(prepare)
     for line in summary.lines():
-        print(f"[recipe] {line}", flush=True)
+        print(f"[recipe] {redact_text(line)}", flush=True)
     return {"counts": summary.counts, "prepare_seconds": round(summary.seconds, 1)}
 
 

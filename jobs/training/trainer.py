@@ -26,7 +26,8 @@ from mtcnn.nets import INPUT_SIZE, build_stage, normalize_pixels
 from mtcnn.weights import load_weights, save_weights
 
 from ..ray_env import init_ray
-from ..storage import filesystem, is_remote, redact
+from ..redaction import redact, redact_text
+from ..storage import filesystem, is_remote
 from .batch_augment import BatchAugmentConfig, augment_batch
 from .losses import STAGE_TASK_WEIGHTS, multitask_loss
 
@@ -338,8 +339,9 @@ def _default_cpus_per_worker(num_workers: int) -> float:
 def _provenance(config: TrainConfig, samples: int, metrics: dict, history: list[dict],
                 previous: dict | None) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k != "inject_failure_at_epoch"}
-    settings["storage_options"] = redact(settings["storage_options"])
-    return {
+    # All of it, not only storage_options: data, output and previous weights may be URLs that
+    # carry credentials, and the provenance travels inside the weights file.
+    return redact({
         "name": f"trained {config.stage}",
         "stage": config.stage,
         "config": settings,
@@ -348,7 +350,7 @@ def _provenance(config: TrainConfig, samples: int, metrics: dict, history: list[
         "final_metrics": {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
         "loss_history": [round(m["loss"], 6) for m in history],
         "previous": previous,
-    }
+    })
 
 
 def _write_weights(config: TrainConfig, stages: dict, provenance: dict) -> str:
@@ -374,13 +376,14 @@ def train_stage(config: TrainConfig) -> TrainSummary:
     if config.cpus_per_worker is None:
         config = replace(config, cpus_per_worker=_default_cpus_per_worker(config.num_workers))
     dataset, samples = load_samples(config)
-    print(f"[{config.stage}] {samples} samples from {config.data}; {config.epochs} epochs on "
+    print(f"[{config.stage}] {samples} samples from {redact_text(config.data)}; {config.epochs} epochs on "
           f"{config.num_workers} worker(s){' with GPUs' if config.use_gpu else ''}"
           f"{', OHEM' if config.ohem else ''}{', random flips' if config.flip else ''}"
           f"{f', colour jitter {config.color_jitter:g}' if config.color_jitter else ''}", flush=True)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"config": asdict(config), "samples": samples},
+        # Ray Train stores this with the run (and the workers need none of the paths or options).
+        train_loop_config={"config": redact(asdict(config)), "samples": samples},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=_run_config(config),
@@ -404,7 +407,7 @@ def train_stage(config: TrainConfig) -> TrainSummary:
     path = _write_weights(config, stages, _provenance(config, samples, history[-1], history,
                                                       previous_info))
     summary = TrainSummary(path, history[-1], history, samples, time.perf_counter() - started)
-    print(f"[{config.stage}] done in {summary.seconds:.0f} s: {path} "
+    print(f"[{config.stage}] done in {summary.seconds:.0f} s: {redact_text(path)} "
           f"({json.dumps({k: round(v, 4) for k, v in history[-1].items() if isinstance(v, float)})})",
           flush=True)
     return summary
