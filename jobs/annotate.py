@@ -34,7 +34,8 @@ from .run_state import MAX_STRIKES, RunState, path_digests
 from .schema import (ANNOTATION_SCHEMA, annotation_table, read_metadata, run_metadata, settings_of,
                      with_metadata)
 from .sources import CHUNK_PATHS, InputError, ListingShard, plan_shards
-from .storage import filesystem, is_remote, join, parse_storage_options, redact
+from .redaction import public_path, redact, redact_text
+from .storage import filesystem, is_remote, join, parse_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,15 @@ def _image_source(shards: list[ListingShard], storage_options: dict, state, firs
         # actor while a long one moves few, large blocks (16 detector batches each).
         block_rows = first_block_rows
         for number, chunk in enumerate(shard.chunks(storage_options, CHUNK_PATHS)):
-            keep = ray.get(state.claim.remote(path_digests(chunk), f"{shard.index}:{number}"))
-            paths = pa.array(np.array(chunk, dtype=object)[keep], pa.string())
+            # Rows store (and resume matches) each path minus any credentials it carries, such as a
+            # presigned URL's signature; the file is read through the URL as listed.
+            stored = [public_path(url) for url in chunk]
+            keep = ray.get(state.claim.remote(path_digests(stored), f"{shard.index}:{number}"))
+            paths = pa.array(np.array(stored, dtype=object)[keep], pa.string())
+            urls = pa.array(np.array(chunk, dtype=object)[keep], pa.string())
             start = 0
             while start < len(paths):
-                yield pa.table({"path": paths.slice(start, block_rows)})
+                yield pa.table({"path": paths.slice(start, block_rows), "url": urls.slice(start, block_rows)})
                 start += block_rows
                 block_rows = min(2 * block_rows, BLOCK_ROWS)
         state.shard_listed.remote()
@@ -176,14 +181,15 @@ def _image_source(shards: list[ListingShard], storage_options: dict, state, firs
 def decode_batch(batch: pa.Table, storage_options: dict, policy: ReadPolicy, state=None) -> pa.Table:
     """Read and decode a batch of paths into raw RGB pixels with their sizes (or an error)."""
     paths = batch.column("path").to_pylist()
+    urls = _urls(batch)
     journal = _Journal(state, paths)
     pixels, widths, heights, errors, kinds = [], [], [], [], []
-    for path in paths:
+    for path, url in zip(paths, urls):
         image, error, kind = None, journal.poisoned(path), PERMANENT
         if error is None:
             journal.working_on([path])
             try:
-                image = read_image(path, storage_options, policy)
+                image = read_image(url, storage_options, policy)
             except ReadFailure as failure:
                 error, kind = failure.reason, failure.kind
         pixels.append(image.tobytes() if image is not None else None)
@@ -195,6 +201,11 @@ def decode_batch(batch: pa.Table, storage_options: dict, policy: ReadPolicy, sta
     return pa.table({"path": pa.array(paths, pa.string()), "pixels": pa.array(pixels, pa.large_binary()),
                      "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32()),
                      "error": pa.array(errors, pa.string()), "error_kind": pa.array(kinds, pa.string())})
+
+
+def _urls(batch: pa.Table) -> list[str]:
+    """Where each row's file is read from: the listed URL, or the path when they are the same."""
+    return batch.column("url" if "url" in batch.column_names else "path").to_pylist()
 
 
 class _Journal:
@@ -257,6 +268,7 @@ class FaceAnnotator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         paths = batch.column("path").to_pylist()
+        urls = _urls(batch)
         count = len(paths)
         sizes: list = [None] * count
         detections: list = [None] * count
@@ -303,7 +315,7 @@ class FaceAnnotator:
                 if decoded:
                     image = np.frombuffer(pixels[index], np.uint8).reshape(*shapes[index], 3)
                 else:
-                    image = read_image(path, self.storage_options, self.policy)
+                    image = read_image(urls[index], self.storage_options, self.policy)
             except ReadFailure as failure:
                 errors[index], kinds[index] = failure.reason, failure.kind
                 continue
@@ -332,7 +344,7 @@ class FaceAnnotator:
             try:
                 results.append(self.detector.detect([image])[0])
             except Exception as error:  # noqa: BLE001 - the row records it
-                results.append(f"detection failed: {type(error).__name__}: {first_line(error)}")
+                results.append(redact_text(f"detection failed: {type(error).__name__}: {first_line(error)}"))
         return results
 
 
@@ -435,9 +447,9 @@ def annotate(config: AnnotateConfig,
     weights = config.weights if isinstance(config.weights, CascadeWeights) \
         else load_weights(config.weights)
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
-                            redact(weights.provenance), config.detector, config.max_pixels,
-                            config.max_bytes)
+                            weights.provenance, config.detector, config.max_pixels, config.max_bytes)
     metadata["device"] = "cuda" if config.num_gpus > 0 else "cpu"
+    metadata = redact(metadata)
     shards = plan_shards(config.input, config.storage_options)
     parts = check_output(config, settings_of(metadata))
     init_ray(config.address)
@@ -464,14 +476,14 @@ def annotate(config: AnnotateConfig,
             index = ray.get(state.scan.remote(config.output, config.storage_options, parts,
                                               config.retry_errors))
             log.info("resuming: %d images already done in %s; %d error rows to redo",
-                     index["done"], config.output, index["redo"])
+                     index["done"], public_path(config.output), index["redo"])
         try:
             reason = ray.get(ray.remote(probe_reads).options(num_cpus=0, max_retries=0).remote(
                 shards, config.storage_options, config.read_policy))
         except ray.exceptions.RayError:
             reason = None  # the probe only looks for a common cause; the job finds any other
         if reason is not None:
-            raise JobStopped(f"the first images of {config.input} all fail to read the same way, "
+            raise JobStopped(f"the first images of {public_path(config.input)} all fail to read the same way, "
                              f"which is not the images' fault: {reason}. Nothing was marked done; "
                              "fix access (credentials, bucket, endpoint) and run again")
         dataset = _build_dataset(shards, config, weights, resources, state, metadata, lease.owner)
@@ -620,12 +632,12 @@ def run(args: argparse.Namespace) -> int:
             show_progress=True)
         summary = annotate(config)
     except JobStopped as error:
-        print(f"mtcnn-jobs annotate: {error}", file=sys.stderr)
+        print(f"mtcnn-jobs annotate: {redact_text(str(error))}", file=sys.stderr)
         return 1
     except (InputError, OutputError, ValueError, ConnectionError) as error:
-        print(f"mtcnn-jobs annotate: {error}", file=sys.stderr)
+        print(f"mtcnn-jobs annotate: {redact_text(str(error))}", file=sys.stderr)
         return 2
-    print(summary.line())
+    print(redact_text(summary.line()))
     return 0
 
 

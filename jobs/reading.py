@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .redaction import redact_text
 from .storage import filesystem
 
 PERMANENT = "permanent"
@@ -78,7 +79,8 @@ def read_image(path: str, storage_options: dict, policy: ReadPolicy) -> np.ndarr
 
 def classify(error: BaseException) -> tuple[str, str]:
     """(message for the row, 'permanent' or 'transient') for an exception from reading a file."""
-    text = first_line(error)
+    # Store errors can quote the URL they were given, presigned query and all.
+    text = redact_text(first_line(error))
     if isinstance(error, FileNotFoundError):
         if "bucket" in text.lower():
             # s3fs reports a missing bucket as FileNotFoundError: the input's fault, not the file's.
