@@ -42,8 +42,10 @@ def tiny_photo(path: Path) -> None:
 def make_folder(root: Path, count: int, per_folder: int = 1000) -> Path:
     """count hard links of one photo in folders of per_folder; the top folder."""
     source = root / "photo.png"
-    tiny_photo(source)
     top = root / "images"
+    if top.exists():
+        return top  # made by an earlier run with this --work folder
+    tiny_photo(source)
     for index in range(count):
         folder = top / f"{index // per_folder:04d}"
         if index % per_folder == 0:
@@ -93,7 +95,8 @@ def run_job(args: list[str], stop_when=None, timeout: float = 7200) -> dict:
             pass
         if stop_when is not None and first is None and stop_when():
             first = time.perf_counter() - started
-            job.send_signal(signal.SIGINT)
+            # SIGTERM, not SIGINT: a process started in the background ignores SIGINT.
+            job.send_signal(signal.SIGTERM)
         time.sleep(0.25)
     out, err = job.communicate(timeout=120)
     return {"seconds": time.perf_counter() - started, "peak_mb": peak, "first": first,
@@ -136,6 +139,10 @@ def committed_output(root: Path, manifest: Path, count: int) -> Path:
                             DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES)
     metadata["device"] = "cpu"
     output = root / f"resume-{count}"
+    if output.exists():
+        import shutil
+
+        shutil.rmtree(output)
     output.mkdir()
     empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
     with open(manifest) as handle:
@@ -156,6 +163,7 @@ def main() -> None:
     parser.add_argument("--resume", type=int, default=1_000_000)
     parser.add_argument("--baseline-images", type=int, default=3000)
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
+    parser.add_argument("--no-full-job", action="store_true", help="only the manifest and resume figures")
     args = parser.parse_args()
     root = Path(args.work or tempfile.mkdtemp(prefix="annotate-scale-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -164,15 +172,17 @@ def main() -> None:
     images = make_folder(root, args.images)
     print(f"{args.images:,} hard links in {time.perf_counter() - started:.1f} s", flush=True)
 
-    baseline = in_process_rate(images, args.baseline_images)
+    if args.no_full_job:
+        args.baseline_images = 0
+    baseline = in_process_rate(images, args.baseline_images) if args.baseline_images else 0.0
     print(f"in-process detector (read + decode + detect, 2 threads): {baseline:.1f} images/s", flush=True)
     out = root / "out-full"
-    job = run_job([str(images), str(out)])
-    rate = args.images / job["seconds"]
+    job = run_job([str(images), str(out)]) if not args.no_full_job else None
+    rate = args.images / job["seconds"] if job else 0.0
     print(f"| full job, {args.images:,} tiny images | {job['seconds']:.0f} s, {rate:.1f} images/s "
           f"(start-up included), {rate / baseline:.2f} of in-process | driver peak RSS "
           f"{job['peak_mb']:.0f} MB | {len(parts(out))} files | exit {job['status']}: {job['out']}",
-          flush=True)
+          flush=True) if job else None
 
     for lines in (int(x) for x in args.manifests.split(",") if x):
         made = time.perf_counter()
@@ -180,6 +190,10 @@ def main() -> None:
         print(f"manifest of {lines:,} lines written in {time.perf_counter() - made:.0f} s "
               f"({manifest.stat().st_size / 1e6:.0f} MB)", flush=True)
         out = root / f"out-manifest-{lines}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
         job = run_job([str(manifest), str(out)], stop_when=lambda out=out: bool(parts(out)))
         print(f"| manifest of {lines:,} lines | first part committed after {job['first']:.1f} s "
               f"(then stopped) | driver peak RSS {job['peak_mb']:.0f} MB | exit {job['status']}",

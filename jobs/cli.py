@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from .redaction import install_log_redaction
 
@@ -59,11 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     # The subcommand comes first; without a known one (help, a typo) nothing needs importing.
     command = argv[0] if argv and argv[0] in COMMANDS else ""
     args = build_parser(only=command).parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (`ray job stop`, a scheduler's timeout, kill) ends a command as Ctrl-C does, so
+        # its finally blocks run: an annotate job lets go of its OUTPUT's lease.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
