@@ -131,11 +131,16 @@ class AnnotateSummary:
 
 # -- listing ---------------------------------------------------------------------------------
 
-#: Largest block of paths the listing yields.
-BLOCK_ROWS = 256
+#: Bytes at which Ray Data cuts the listing into blocks (about 500 paths with their URLs); each
+#: is then split in SPLIT_BLOCKS, so a block carries a few detector batches and even a short job
+#: spreads over every actor.
+PATH_BLOCK_BYTES = 64 * 1024
+SPLIT_BLOCKS = 8
+#: Paths the listing may run ahead of the annotated images.
+LIST_AHEAD = 50_000
 
 
-def _image_source(shards: list[ListingShard], storage_options: dict, state, first_block_rows: int):
+def _image_source(shards: list[ListingShard], storage_options: dict, state):
     """A Ray Datasource reading the shards' chunks, each trimmed to the paths this run annotates."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -143,21 +148,18 @@ def _image_source(shards: list[ListingShard], storage_options: dict, state, firs
     def read_shard(shard: ListingShard):
         import ray
 
-        # Blocks start small and grow to BLOCK_ROWS, so a short job still spreads over every
-        # actor while a long one moves few, large blocks (16 detector batches each).
-        block_rows = first_block_rows
         for number, chunk in enumerate(shard.chunks(storage_options, CHUNK_PATHS)):
             # Rows store (and resume matches) each path minus any credentials it carries, such as a
             # presigned URL's signature; the file is read through the URL as listed.
             stored = [public_path(url) for url in chunk]
             keep = ray.get(state.claim.remote(path_digests(stored), f"{shard.index}:{number}"))
-            paths = pa.array(np.array(stored, dtype=object)[keep], pa.string())
-            urls = pa.array(np.array(chunk, dtype=object)[keep], pa.string())
-            start = 0
-            while start < len(paths):
-                yield pa.table({"path": paths.slice(start, block_rows), "url": urls.slice(start, block_rows)})
-                start += block_rows
-                block_rows = min(2 * block_rows, BLOCK_ROWS)
+            if keep.any():
+                yield pa.table({"path": pa.array(np.array(stored, dtype=object)[keep], pa.string()),
+                                "url": pa.array(np.array(chunk, dtype=object)[keep], pa.string())})
+            # Flow control: listing a 10M-line manifest as fast as it reads would take the CPUs
+            # from the detectors for minutes (and fill the claims index early); stay a window ahead.
+            while ray.get(state.ahead.remote()) > LIST_AHEAD:
+                time.sleep(0.5)
         state.shard_listed.remote()
 
     class ImageSource(Datasource):
@@ -439,6 +441,7 @@ def annotate(config: AnnotateConfig,
              on_rows: Callable[[AnnotateSummary], None] | None = None) -> AnnotateSummary:
     """Run the annotate job; on_rows is called with the progress counts as they change."""
     import ray
+    from ray.data import DataContext
 
     from .ray_env import init_ray
 
@@ -486,6 +489,7 @@ def annotate(config: AnnotateConfig,
             raise JobStopped(f"the first images of {public_path(config.input)} all fail to read the same way, "
                              f"which is not the images' fault: {reason}. Nothing was marked done; "
                              "fix access (credentials, bucket, endpoint) and run again")
+        saved_block_size = DataContext.get_current().target_max_block_size
         dataset = _build_dataset(shards, config, weights, resources, state, metadata, lease.owner)
         progress = ProgressLine(state, summary, config.show_progress, on_rows)
         progress.start()
@@ -499,6 +503,7 @@ def annotate(config: AnnotateConfig,
                     summary.transient += record["transient"]
         finally:
             progress.stop()
+            DataContext.get_current().target_max_block_size = saved_block_size
         counts = ray.get(state.snapshot.remote())
         summary.listed, summary.skipped = counts["listed"], counts["skipped"]
     finally:
@@ -517,6 +522,10 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
     # The progress line replaces Ray's operator bars unless asked for (RAY_DATA_PROGRESS=1).
     context.enable_progress_bars = bool(int(__import__("os").environ.get("RAY_DATA_PROGRESS", "0")))
     context.execution_options.preserve_order = False
+    # Ray Data buffers a read task's output until it reaches target_max_block_size (128 MB):
+    # a whole folder's listing would be one block, nothing would flow until it was listed, and a
+    # listing held back by flow control would never flow. Blocks of paths are small: cut there.
+    context.target_max_block_size = PATH_BLOCK_BYTES
 
     use_gpu = config.num_gpus > 0
     cpus_per_actor = config.cpus_per_actor or 1.0
@@ -530,9 +539,9 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
     separate_decode = use_gpu if config.separate_decode is None else config.separate_decode
     # Listing and committing are I/O with little CPU: at 0 CPUs they never wait behind the
     # detector actors, which take every CPU (or GPU share) the cluster has.
-    dataset = ray.data.read_datasource(_image_source(shards, config.storage_options, state,
-                                                     min(config.batch_size, BLOCK_ROWS)),
-                                       num_cpus=0, concurrency=min(len(shards), 4))
+    dataset = ray.data.read_datasource(_image_source(shards, config.storage_options, state),
+                                       num_cpus=0, concurrency=1,
+                                       override_num_blocks=SPLIT_BLOCKS * len(shards))
     if separate_decode:
         dataset = dataset.map_batches(decode_batch, batch_size=config.batch_size, batch_format="pyarrow",
                                       fn_kwargs={"storage_options": config.storage_options,

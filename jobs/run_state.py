@@ -116,6 +116,11 @@ class RunState:
             self._counts["skipped"] += int(len(digests) - new.sum())
             return new
 
+    def ahead(self) -> int:
+        """Paths handed out to annotate that are not annotated yet."""
+        with self._lock:
+            return self._counts["listed"] - self._counts["skipped"] - self._counts["images"]
+
     def shard_listed(self) -> None:
         """One listing shard has been read to its end."""
         with self._lock:
