@@ -1,7 +1,7 @@
 """WIDER AP (easy / medium / hard) per pyramid variant, with the time of one 720p pyramid, one table.
 
     python benchmarks/pyramid_ap.py [--pyramids classic dynamic chain2 octave] [--min-face-size 20]
-                                    [--data DIR] [--sample N] [--save-detections DIR]
+                                    [--data DIR] [--sample N] [--save-detections DIR] [--precision bf16]
 
 Goal (issue 15): a fast pyramid within 0.002 AP of the classic one in every setting, at most half
 of the classic pyramid's time at 1280x720. Every variant runs on the same images; `--sample N`
@@ -31,6 +31,7 @@ import torch
 from jobs.evaluate import InProcessDetection
 from mtcnn import FaceDetector
 from mtcnn.annotations import read_wider
+from mtcnn.detector import PRECISIONS
 from mtcnn.evaluation import SETTINGS, WiderGroundTruth, evaluate_wider, load_wider_ground_truth
 from mtcnn.pyramid import PYRAMIDS, build_pyramid, pyramid_scales
 
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--save-detections", type=Path, default=None,
                         help="folder for <pyramid>.min<size>.jsonl files of the detections")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="the nets' arithmetic for every variant (AP of bf16 beside fp32's)")
     parser.add_argument("--timing-frames", type=int, default=4, help="720p frames the pyramid time is taken on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,7 +101,7 @@ def main() -> None:
         picks = np.linspace(0, len(ground_truth.images) - 1, args.sample).round().astype(int)
         ground_truth = ground_truth.subset([ground_truth.images[i] for i in picks])
     names = ground_truth.images
-    print(f"{len(names)} images of {args.data}, min face {args.min_face_size:g}, settings "
+    print(f"{len(names)} images of {args.data}, min face {args.min_face_size:g}, {args.precision}, settings "
           f"{'official' if official else 'by height (no easy/medium/hard lists here)'}", flush=True)
 
     paths = [ground_truth.image_path(name) for name in names]
@@ -107,7 +110,8 @@ def main() -> None:
                      for path in paths[:: max(1, len(paths) // args.timing_frames)][:args.timing_frames]]
     rows = {}
     for pyramid in args.pyramids:
-        detector = FaceDetector(weights="reference", pyramid=pyramid, min_face_size=args.min_face_size)
+        detector = FaceDetector(weights="reference", pyramid=pyramid, min_face_size=args.min_face_size,
+                                precision=args.precision)
         detect = InProcessDetection(detector, batch_size=4, progress_interval=30)
         started = time.perf_counter()
         found = detect(paths, f"{pyramid} pyramid")

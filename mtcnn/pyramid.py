@@ -78,7 +78,7 @@ def _halve_tensor(image: torch.Tensor) -> torch.Tensor:
     return F.interpolate(image, size=(image.shape[-2] // 2, image.shape[-1] // 2), mode="area")
 
 
-def build_pyramid(image: np.ndarray, scales: list[float], pyramid: str = "dynamic",
+def build_pyramid(image: np.ndarray, scales: list[float], pyramid: str = "classic",
                   table: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Every pyramid level of an H x W x C uint8 image as an H' x W' x C tensor, largest first.
 
@@ -120,7 +120,7 @@ def build_pyramid(image: np.ndarray, scales: list[float], pyramid: str = "dynami
 
 
 def build_pyramid_tensor(image: torch.Tensor, scales: list[float],
-                         pyramid: str = "dynamic") -> list[torch.Tensor]:
+                         pyramid: str = "classic") -> list[torch.Tensor]:
     """Resize a (1, C, H, W) float image to every scale on its own device (area interpolation)."""
     if pyramid not in PYRAMIDS:
         raise ValueError(f"pyramid must be one of {PYRAMIDS}, got {pyramid!r}")
