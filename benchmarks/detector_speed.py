@@ -174,8 +174,8 @@ def main() -> int:
                     args.reference_python, frames, args.threads, batch_size)
                 if reference:
                     theirs[batch_size] = reference
-                    print(f"  facenet-pytorch      batch {batch_size:2d}  {reference['images_per_second']:7.2f} images/s",
-                          flush=True)
+                    rate = reference["images_per_second"]
+                    print(f"  facenet-pytorch      batch {batch_size:2d}  {rate:7.2f} images/s", flush=True)
             if theirs:
                 best_batch = max(theirs, key=lambda b: theirs[b]["images_per_second"])
                 rate = theirs[best_batch]["images_per_second"]
