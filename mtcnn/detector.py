@@ -52,8 +52,8 @@ class DetectorConfig:
     concurrent_images: bool = True
     #: Arithmetic of the three nets' bodies. "fp32" (the default) is exact: the classic pyramid
     #: then reproduces the reference. "bf16" runs the convolutions and dense layers in bfloat16
-    #: (heads, boxes and NMS stay fp32), on CPUs in O-Net only, where it is faster there; its
-    #: AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py.
+    #: (heads, boxes and NMS stay fp32); on CPUs only in O-Net, the one net it speeds up there.
+    #: Its AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py.
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
