@@ -1,13 +1,20 @@
-"""Images/s of FaceDetector at 1920x1080, 1280x720 and 960x540, both pyramids, beside the reference.
+"""Images/s of FaceDetector on crowded and light frame sets per resolution, beside the reference.
 
-Frames are real photos (../shared/data/wider_face_val_dev) resized to each resolution. When the
+Frame sets (`--sets`): "crowded", the WIDER validation photos (../shared/data/wider_face_val_dev)
+with the most annotated faces; "light", close-ups with one face (../shared/data/cnn_facepoint_5pt);
+or any folder with `--images DIR`. Each frame is resized to each resolution. Variants
+(`--variants`, pyramid:precision) default to the exact default (classic:fp32) and the fast ones. When the
 reference's environment is found (--reference-python, default /opt/refvenv/bin/python, see
 benchmarks/README.md), facenet-pytorch's MTCNN runs on the same frames in the same run, and the
 script prints the speed ratio and whether the classic pyramid's detections match it (score >= 0.9
 faces: IoU >= 0.9, score within 0.01, landmarks within 2 px). Also times pyramid construction alone
 and where the detector's time goes.
 
-    python benchmarks/detector_speed.py [--frames 16] [--threads 2] [--device cpu] [--batch-sizes 1,8,16] [--images DIR]
+    python benchmarks/detector_speed.py [--frames 16] [--threads 2] [--device cpu] [--batch-sizes 1,8,16]
+        [--sets crowded,light] [--resolutions 1920x1080,1280x720] [--variants classic:fp32,classic:bf16]
+
+The per-stage profile (`where the time goes`, one thread, ms per frame) is printed for every
+variant: classic:fp32 is the state before issue 15's work, the others the options it added.
 
 Each side runs one frame per call and frames in batches (the project spreads a batch's frames over
 its threads on CPU; facenet-pytorch stacks same-size frames); ratios use each side's best.
@@ -30,20 +37,28 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from mtcnn import FaceDetector
-from mtcnn.pyramid import build_pyramid, level_size, pyramid_scales
+from mtcnn.annotations import read_wider
+from mtcnn.pyramid import PYRAMIDS, build_pyramid, level_size, pyramid_scales
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_equivalence import match_faces  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wider_face_val_dev" / "images"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED / "wider_face_val_dev" / "images"
+LIGHT = SHARED / "cnn_facepoint_5pt"
 RESOLUTIONS = [(1920, 1080), (1280, 720), (960, 540)]
 REFERENCE_SCRIPT = Path(__file__).parent / "reference" / "facenet_speed.py"
 
 
-def load_frames(count: int, width: int, height: int, folder: Path = DATA) -> list[np.ndarray]:
-    """count real photos from a folder (spread over it), RGB, resized to width x height."""
-    everything = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    files = everything[:: max(1, len(everything) // count)][:count]
+def crowded_files(count: int, folder: Path = DATA.parent) -> list[Path]:
+    """The count WIDER photos of a folder with the most annotated faces (most first)."""
+    annotations = read_wider(next(folder.glob("*_bbx_gt.txt")), folder / "images")
+    ranked = sorted(annotations, key=lambda a: len(a.boxes), reverse=True)
+    return [Path(a.path) for a in ranked[:count]]
+
+
+def resized(files: list[Path], width: int, height: int) -> list[np.ndarray]:
+    """RGB frames of image files, resized to width x height."""
     frames = []
     for file in files:
         image = cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB)
@@ -66,10 +81,10 @@ def images_per_second(detector: FaceDetector, frames: list[np.ndarray], batch_si
 
 
 def time_pyramids(frame: np.ndarray, repeats: int = 10) -> dict[str, float]:
-    """Milliseconds to build one frame's pyramid: classic, dynamic, and torch area (the reference's)."""
+    """Milliseconds to build one frame's pyramid: each variant, and torch area (the reference's)."""
     scales = pyramid_scales(*frame.shape[:2], 20, 0.709)
     timings = {}
-    for name in ("classic", "dynamic"):
+    for name in PYRAMIDS:
         start = time.perf_counter()
         for _ in range(repeats):
             build_pyramid(frame, scales, name)
@@ -121,54 +136,77 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="1,8,16", help="frames per detect call, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--resolutions", default="1920x1080,1280x720,960x540")
-    parser.add_argument("--images", type=Path, default=DATA,
-                        help="folder of photos to resize into frames (default: WIDER val, crowded scenes)")
+    parser.add_argument("--sets", default="crowded,light", help="frame sets: crowded, light (or use --images)")
+    parser.add_argument("--images", type=Path, default=None, help="a folder of photos instead of --sets")
+    parser.add_argument("--variants", default="classic:fp32,dynamic:fp32,classic:bf16",
+                        help="pyramid:precision pairs, comma-separated")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-stage profiles")
     parser.add_argument("--reference-python", default="/opt/refvenv/bin/python")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
+    variants = [tuple(v.split(":")) for v in args.variants.split(",")]
+    sets = {"folder": None} if args.images else {name: None for name in args.sets.split(",")}
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
-          f"batches of {batch_sizes}, {args.frames} frames per resolution from {args.images}")
-    for resolution in args.resolutions.split(","):
-        width, height = (int(v) for v in resolution.split("x"))
-        frames = load_frames(args.frames, width, height, args.images)
-        print(f"\n{width}x{height}")
-        ours: dict[str, tuple[float, list]] = {}
-        theirs: dict[int, dict] = {}
-        for batch_size in batch_sizes:
-            for pyramid in ("dynamic", "classic"):
-                detector = FaceDetector(device=args.device, pyramid=pyramid)
-                label = f"{pyramid}, batch {batch_size}"
-                ours[label] = images_per_second(detector, frames, batch_size, args.repeats)
-                print(f"  mtcnn {pyramid:8s} batch {batch_size:2d}  {ours[label][0]:7.2f} images/s", flush=True)
-            reference = None if args.device != "cpu" else run_reference(
-                args.reference_python, frames, args.threads, batch_size)
-            if reference:
-                theirs[batch_size] = reference
-                print(f"  facenet-pytorch  batch {batch_size:2d}  {reference['images_per_second']:7.2f} images/s",
-                      flush=True)
-        if theirs:
-            best_batch = max(theirs, key=lambda b: theirs[b]["images_per_second"])
-            rate = theirs[best_batch]["images_per_second"]
-            for pyramid in ("dynamic", "classic"):
-                label = max((k for k in ours if k.startswith(pyramid)), key=lambda k: ours[k][0])
-                print(f"  ratio {pyramid} (best: {label}) / reference (best: batch {best_batch}): "
-                      f"{ours[label][0] / rate:.2f}x")
-            expected_faces = theirs[min(theirs)]["detections"]
+          f"batches of {batch_sizes}, {args.frames} frames per set, variants {args.variants}")
+    summary = []
+    for set_name in sets:
+        if set_name == "crowded":
+            files = crowded_files(args.frames)
+        else:
+            folder = args.images if set_name == "folder" else LIGHT
+            everything = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            files = everything[:: max(1, len(everything) // args.frames)][:args.frames]
+        for resolution in args.resolutions.split(","):
+            width, height = (int(v) for v in resolution.split("x"))
+            frames = resized(files, width, height)
+            print(f"\n{set_name} frames at {width}x{height}", flush=True)
+            ours: dict[str, tuple[float, list]] = {}
+            theirs: dict[int, dict] = {}
             for batch_size in batch_sizes:
-                total = reproduced = 0
-                for found, expected in zip(ours[f"classic, batch {batch_size}"][1], expected_faces):
-                    count, ok, _ = match_faces(expected, found)
-                    total, reproduced = total + count, reproduced + ok
-                print(f"  classic batch {batch_size} detections vs reference: {reproduced}/{total} faces "
-                      "(score >= 0.9) reproduced")
-        if args.device == "cpu":
-            pyramids = time_pyramids(frames[0])
-            print("  pyramid alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pyramids.items()))
-            for pyramid in ("dynamic", "classic"):
-                parts = breakdown(FaceDetector(pyramid=pyramid), frames[: max(4, args.frames // 4)])
-                print(f"  where the time goes ({pyramid}, ms/frame): "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+                for pyramid, precision in variants:
+                    detector = FaceDetector(device=args.device, pyramid=pyramid, precision=precision)
+                    label = f"{pyramid}:{precision}, batch {batch_size}"
+                    ours[label] = images_per_second(detector, frames, batch_size, args.repeats)
+                    print(f"  mtcnn {pyramid}:{precision:5s} batch {batch_size:2d}  {ours[label][0]:7.2f} images/s",
+                          flush=True)
+                reference = None if args.device != "cpu" else run_reference(
+                    args.reference_python, frames, args.threads, batch_size)
+                if reference:
+                    theirs[batch_size] = reference
+                    rate = reference["images_per_second"]
+                    print(f"  facenet-pytorch      batch {batch_size:2d}  {rate:7.2f} images/s", flush=True)
+            if theirs:
+                best_batch = max(theirs, key=lambda b: theirs[b]["images_per_second"])
+                rate = theirs[best_batch]["images_per_second"]
+                for pyramid, precision in variants:
+                    label = max((k for k in ours if k.startswith(f"{pyramid}:{precision},")), key=lambda k: ours[k][0])
+                    print(f"  ratio {pyramid}:{precision} (best: {label}) / reference (best: batch {best_batch}): "
+                          f"{ours[label][0] / rate:.2f}x")
+                    summary.append((set_name, resolution, f"{pyramid}:{precision}", ours[label][0], rate))
+                expected_faces = theirs[min(theirs)]["detections"]
+                for label, (_, found_frames) in ours.items():
+                    if not label.startswith("classic:fp32"):
+                        continue
+                    total = reproduced = 0
+                    for found, expected in zip(found_frames, expected_faces):
+                        count, ok, _ = match_faces(expected, found)
+                        total, reproduced = total + count, reproduced + ok
+                    print(f"  {label} detections vs reference: {reproduced}/{total} faces (score >= 0.9) reproduced")
+            if args.device == "cpu" and not args.no_profile:
+                pyramids = time_pyramids(frames[0])
+                print("  pyramid alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pyramids.items()))
+                torch.set_num_threads(1)
+                for pyramid, precision in variants:
+                    parts = breakdown(FaceDetector(pyramid=pyramid, precision=precision),
+                                      frames[: max(4, args.frames // 4)])
+                    print(f"  where the time goes ({pyramid}:{precision}, 1 thread, ms/frame): "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+                torch.set_num_threads(args.threads)
+    if summary:
+        print("\n| frames | variant | images/s (best batch) | facenet-pytorch (best) | ratio |\n|---|---|---|---|---|")
+        for set_name, resolution, variant, ours_rate, rate in summary:
+            print(f"| {resolution} {set_name} | {variant} | {ours_rate:.2f} | {rate:.2f} | {ours_rate / rate:.2f}x |")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 
 from mtcnn import FaceDetector
 from mtcnn.boxes import pairwise_overlap
+from mtcnn.pyramid import PYRAMIDS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {
@@ -59,7 +60,7 @@ def match_faces(reference: dict, found, min_score: float = 0.9) -> tuple[int, in
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pyramid", default="classic", choices=["classic", "dynamic"])
+    parser.add_argument("--pyramid", default="classic", choices=PYRAMIDS)
     parser.add_argument("--limit", type=int, default=None, help="images per set")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--verbose", action="store_true")

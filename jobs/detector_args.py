@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mtcnn import DetectorConfig
+from mtcnn.pyramid import PYRAMIDS
 
 
 def comma_floats(text: str) -> tuple[float, ...]:
@@ -25,7 +26,7 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", type=comma_floats, default=defaults.thresholds,
                         help="P-, R-, O-Net score thresholds, e.g. 0.6,0.7,0.7")
     parser.add_argument("--scale-factor", type=float, default=defaults.scale_factor)
-    parser.add_argument("--pyramid", choices=["dynamic", "classic"], default=defaults.pyramid)
+    parser.add_argument("--pyramid", choices=PYRAMIDS, default=defaults.pyramid)
 
 
 def detector_config(args: argparse.Namespace) -> DetectorConfig:

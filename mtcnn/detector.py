@@ -23,6 +23,9 @@ from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scal
 from .weights import CascadeWeights, load_weights
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """Detection parameters; the defaults are the original MTCNN's."""
@@ -30,7 +33,9 @@ class DetectorConfig:
     min_face_size: float = 20.0
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     scale_factor: float = 0.709
-    pyramid: str = "dynamic"
+    #: "classic" (exact area interpolation of the full image, as the reference): the faster
+    #: variants differ from it by up to 0.008 WIDER AP (benchmarks/pyramid_ap.py, issue 15).
+    pyramid: str = "classic"
     #: IoU above which P-Net windows of one pyramid level suppress each other.
     level_nms: float = 0.5
     #: IoU thresholds of the NMS after P-Net (across levels), R-Net and O-Net ("min" overlap).
@@ -45,6 +50,11 @@ class DetectorConfig:
     #: 1.2x the images/s on 2 cores). While such a call runs, torch's intra-op thread count is
     #: 1 process-wide. False: the images go through together, using every thread.
     concurrent_images: bool = True
+    #: Arithmetic of the three nets' bodies. "fp32" (the default) is exact: the classic pyramid
+    #: then reproduces the reference. "bf16" runs the convolutions and dense layers in bfloat16
+    #: (heads, boxes and NMS stay fp32); on CPUs only in O-Net, the one net it speeds up there.
+    #: Its AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
@@ -61,6 +71,8 @@ class DetectorConfig:
         overlaps = (self.level_nms, *self.stage_nms)
         if len(self.stage_nms) != 3 or not all(0.0 < t <= 1.0 for t in overlaps):
             raise ValueError(f"NMS thresholds must lie in (0, 1], got {overlaps!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stage_batch_size is not None and int(self.stage_batch_size) < 1:
             raise ValueError(f"stage_batch_size must be at least 1, got {self.stage_batch_size!r}")
 
@@ -176,6 +188,11 @@ class FaceDetector:
         for name, stage in self.weights.stages.items():
             net = ProposalNet(stage) if name == "pnet" else WindowNet(stage)
             net = net.to(self.device, memory_format=memory_format).eval()
+            # On this project's CPUs (AVX-512 BF16) oneDNN's bf16 convolutions measured faster only
+            # for O-Net (about 1.5x); P-Net and R-Net, with few channels, ran 1.4x and 2x slower.
+            if self.config.precision == "bf16" and (name == "onet" or not self._host_kernels):
+                self._nets[name] = net.use_bfloat16()
+                continue
             # Prepacked oneDNN weights pay off for the many small window batches, not for P-Net's
             # few large levels (measured slower there).
             if self._host_kernels and name != "pnet" and torch.backends.mkldnn.is_available():

@@ -85,10 +85,18 @@ class ProposalNet(nn.Module):
         self.register_buffer("face_bias", bias.clone())
         self.register_buffer("box_weight", pnet.box_regression.weight.detach().reshape(4, -1).t().clone())
         self.register_buffer("box_bias", pnet.box_regression.bias.detach().clone())
+        self._body_dtype = torch.float32
+
+    def use_bfloat16(self) -> "ProposalNet":
+        """Run the conv body in bfloat16 (faster where the CPU or GPU has bf16 units); heads stay fp32."""
+        self.body = self.body.to(torch.bfloat16)
+        self._body_dtype = torch.bfloat16
+        return self
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (N, H, W, 32) and face logits (N, H, W) for a batch of 0-255 images."""
-        features = self.body(pixels).permute(0, 2, 3, 1)  # a free view in channels_last
+        # The face and box heads are one small GEMM each: kept in fp32, so only the body rounds.
+        features = self.body(pixels.to(self._body_dtype)).permute(0, 2, 3, 1).float()  # free in NHWC
         logits = (features.reshape(-1, features.shape[-1]) @ self.face_weight).reshape(
             features.shape[:3]) + self.face_bias
         return features, logits
@@ -125,6 +133,16 @@ class WindowNet(nn.Module):
         self.register_buffer("head_weight", torch.cat(weights).t().contiguous())
         self.register_buffer("head_bias", torch.cat(biases))
         self._onednn_body = False
+        self._bfloat16 = False
+
+    def use_bfloat16(self) -> "WindowNet":
+        """Run the conv body and dense layer in bfloat16; the fused head GEMM stays fp32."""
+        # oneDNN's prepacked modules cannot mix a bf16 body with fp32 PReLU slopes: stay eager.
+        self.body = self.body.to(torch.bfloat16)
+        self.dense = self.dense.to(torch.bfloat16)
+        self._onednn_body = False
+        self._bfloat16 = True
+        return self
 
     def prepack_for_cpu(self) -> "WindowNet":
         """Hold the conv body's weights in oneDNN's own layout (CPU only, after moving there).
@@ -147,10 +165,12 @@ class WindowNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Face probability (N,), box offsets (N, 4) and landmarks (N, 10) or None."""
-        if self._onednn_body:
-            features = self.body(pixels.to_mkldnn()).to_dense()
+        if self._bfloat16:
+            dense = self.dense(self.body(pixels.to(torch.bfloat16))).float()
+        elif self._onednn_body:
+            dense = self.dense(self.body(pixels.to_mkldnn()).to_dense())
         else:
-            features = self.body(pixels)
-        out = torch.addmm(self.head_bias, self.dense(features), self.head_weight)
+            dense = self.dense(self.body(pixels))
+        out = torch.addmm(self.head_bias, dense, self.head_weight)
         landmarks = out[:, 5:] if out.shape[1] > 5 else None
         return torch.sigmoid(out[:, 0]), out[:, 1:5], landmarks

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtcnn import Detections, FaceDetector
+from mtcnn import DetectorConfig, Detections, FaceDetector
 from mtcnn.boxes import pairwise_overlap
 
 DATA = Path(__file__).parent / "data"
@@ -46,11 +46,30 @@ def test_classic_pyramid_reproduces_the_reference(detector, astronaut, reference
     assert found.landmarks.shape == (1, 5, 2)
 
 
-def test_dynamic_pyramid_finds_the_same_face(astronaut, reference):
-    found = FaceDetector(pyramid="dynamic").detect([astronaut])[0]
+@pytest.mark.parametrize("pyramid", ["dynamic", "chain2", "octave"])
+def test_fast_pyramids_find_the_same_face(astronaut, reference, pyramid):
+    found = FaceDetector(pyramid=pyramid).detect([astronaut])[0]
     assert len(found) == 1
     iou = pairwise_overlap(torch.from_numpy(found.boxes), torch.tensor(reference["boxes"]))
     assert iou.item() >= 0.85
+
+
+def test_the_default_detector_is_the_exact_classic_fp32_one(astronaut, reference):
+    assert DetectorConfig().pyramid == "classic" and DetectorConfig().precision == "fp32"
+    found = FaceDetector().detect([astronaut])[0]
+    assert_matches(found, reference["boxes"], reference["scores"], reference["landmarks"])
+
+
+def test_bf16_finds_the_same_face_with_close_scores_and_landmarks(detector, astronaut):
+    exact = detector.detect([astronaut])[0]
+    rounded = FaceDetector(pyramid="classic", precision="bf16").detect([astronaut])[0]
+    assert len(rounded) == len(exact) == 1
+    iou = pairwise_overlap(torch.from_numpy(rounded.boxes), torch.from_numpy(exact.boxes))
+    assert iou.item() >= 0.9
+    assert abs(float(rounded.scores[0]) - float(exact.scores[0])) < 0.02
+    assert np.abs(rounded.landmarks - exact.landmarks).max() < 3.0
+    # fp32 stays the exact path: a bf16 detector changes nothing for an fp32 one made after it.
+    assert np.array_equal(FaceDetector(pyramid="classic").detect([astronaut])[0].boxes, exact.boxes)
 
 
 def test_landmarks_follow_the_image_left_convention(detector, astronaut):
@@ -139,6 +158,7 @@ def test_candidates_after_each_stage(detector, astronaut):
     ({"thresholds": (0.6, 0.7)}, "thresholds"),
     ({"scale_factor": 1.2}, "scale_factor"),
     ({"pyramid": "pyramidal"}, "pyramid"),
+    ({"precision": "fp8"}, "precision"),
     ({"device": "tpu"}, "device"),
     ({"min_size": 20}, "unknown detector options"),
 ])

@@ -94,3 +94,22 @@ def test_proposal_net_with_cpu_kernels_matches_the_plain_one():
             pixels = pixels.contiguous(memory_format=torch.channels_last)
             for got, expected in zip(fast(pixels), plain(pixels)):
                 assert torch.equal(got, expected)
+
+
+def test_bfloat16_nets_stay_close_to_fp32():
+    stages = load_weights("reference").stages
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        pixels = torch.randint(0, 256, (2, 3, 40, 52)).float()
+        _, exact = ProposalNet(stages["pnet"])(pixels)
+        _, rounded = ProposalNet(stages["pnet"]).use_bfloat16()(pixels)
+        assert rounded.dtype == torch.float32
+        assert (torch.sigmoid(rounded) - torch.sigmoid(exact)).abs().max() < 0.05
+        for name in ("rnet", "onet"):
+            size = INPUT_SIZE[name]
+            pixels = torch.randint(0, 256, (6, 3, size, size)).float()
+            for got, want in zip(WindowNet(stages[name]).use_bfloat16()(pixels), WindowNet(stages[name])(pixels)):
+                if want is None:
+                    assert got is None
+                else:
+                    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.05

@@ -49,3 +49,37 @@ def test_classic_levels_are_area_interpolation_of_the_full_image(image):
 def test_unknown_pyramid_is_refused(image):
     with pytest.raises(ValueError, match="pyramid"):
         build_pyramid(image, [0.5], "pyramidal")
+
+
+@pytest.mark.parametrize("variant", ["chain2", "octave"])
+def test_fast_variants_keep_the_level_sizes_and_drift_less_than_dynamic(image, variant):
+    scales = pyramid_scales(*image.shape[:2], 12, 0.709)
+    classic = build_pyramid(image, scales, "classic")
+    dynamic = build_pyramid(image, scales, "dynamic")
+    levels = build_pyramid(image, scales, variant)
+    assert [tuple(level.shape) for level in levels] == [tuple(level.shape) for level in classic]
+
+    def deep_error(candidate):
+        # The smallest levels are where resizing from resized levels compounds most.
+        return sum((a.float() - b.float()).abs().mean() for a, b in zip(candidate[-4:], classic[-4:]))
+
+    assert deep_error(levels) < deep_error(dynamic)
+
+
+@pytest.mark.parametrize("variant", ["dynamic", "chain2", "octave"])
+def test_tensor_variants_give_the_host_level_sizes(image, variant):
+    scales = pyramid_scales(*image.shape[:2], 12, 0.709)
+    full = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    tensor_levels = build_pyramid_tensor(full, scales, variant)
+    assert [tuple(t.shape[-2:]) for t in tensor_levels] == [tuple(l.shape[:2]) for l in
+                                                           build_pyramid(image, scales, variant)]
+    # Every variant's first level comes straight from the full image.
+    first = F.interpolate(full, size=tensor_levels[0].shape[-2:], mode="area")
+    assert torch.equal(tensor_levels[0], first)
+
+
+def test_grayscale_levels_keep_their_channel_axis(image):
+    gray = np.ascontiguousarray(image[:, :, :1])
+    for variant in ("chain2", "octave"):
+        levels = build_pyramid(gray, [0.5, 0.3, 0.2], variant)
+        assert all(level.shape[2] == 1 for level in levels)
