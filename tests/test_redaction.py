@@ -365,7 +365,7 @@ def test_prepare_errors_hold_no_secret(capsys):
 
 def _results_with_every_shape(folder: Path) -> None:
     """An annotate-format part file as an older run (before paths lost their credentials) wrote it."""
-    from jobs.preview import PART_PREFIX
+    from jobs.parts import PART_PREFIX
 
     face = pa.struct([("box", pa.list_(pa.float32())), ("score", pa.float32()),
                       ("landmarks", pa.list_(pa.float32()))])
