@@ -114,8 +114,9 @@ def test_conversion_reorders_dense_inputs_from_whc(name):
     stage = convert_reference_state(name, state)
     x = torch.randn(5, 3, INPUT_SIZE[name], INPUT_SIZE[name])
     expected = _reference_layout_forward(name, state, x)
-    # Logits of random weights reach hundreds: float32 sums in another order differ by ~1e-6 of that.
-    assert torch.allclose(stage(x).face_logits, expected, rtol=1e-5, atol=1e-4)
+    # Logits of random weights reach hundreds, their intermediates thousands: float32 sums in another
+    # order (thread count, kernel choice) move them by up to ~5e-4. The wrong layout is off by far more.
+    assert torch.allclose(stage(x).face_logits, expected, rtol=1e-5, atol=5e-3)
     # Loading the same tensors without reordering gives different answers: the trap is real.
     naive = build_stage(name, has_landmarks=name == "onet").eval()
     naive.load_state_dict(convert_reference_state(name, state).state_dict())
