@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -520,7 +520,7 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
 
     context = DataContext.get_current()
     # The progress line replaces Ray's operator bars unless asked for (RAY_DATA_PROGRESS=1).
-    context.enable_progress_bars = bool(int(__import__("os").environ.get("RAY_DATA_PROGRESS", "0")))
+    context.enable_progress_bars = bool(int(os.environ.get("RAY_DATA_PROGRESS", "0")))
     context.execution_options.preserve_order = False
     # Ray Data buffers a read task's output until it reaches target_max_block_size (128 MB):
     # a whole folder's listing would be one block, nothing would flow until it was listed, and a

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from .storage import filesystem, is_remote, protocol_prefix
 
@@ -116,7 +117,7 @@ def list_inputs(source: str, storage_options: dict | None = None) -> list[str]:
 
 def _walk_images(fs, root: str) -> Iterator[str]:
     """Image files under root, streamed: local folders by os.scandir, others by fsspec's walk."""
-    if fs.protocol in ("file", "local") or "file" in getattr(fs, "protocol", ()):
+    if isinstance(fs, LocalFileSystem):
         yield from _scan_local(os.path.abspath(root))
         return
     try:
