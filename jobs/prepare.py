@@ -23,16 +23,15 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mtcnn.detector import DetectorConfig
+from mtcnn.nets import STAGE_NAMES, stage_spec
 from mtcnn.pyramid import PYRAMIDS
 
 from .redaction import public_path, redact, redact_text
 from .storage import filesystem, is_remote, parse_storage_options
 from .training.augment import AugmentConfig
 from .training.samples import SampleConfig, face_samples, landmark_samples, to_table
-from .training.schema import KIND_NAMES, SAMPLE_SCHEMA, STAGES, SUMMARY_FILE, stage_folder
+from .training.schema import KIND_NAMES, SAMPLE_SCHEMA, SUMMARY_FILE, stage_folder
 
-#: Earlier stages that propose the windows each stage trains on.
-MINED_BY = {"rnet": "pnet", "onet": "rnet"}
 #: Mining with the detector's own thresholds: each stage trains on the windows it will be handed
 #: at detection time (lower ones multiply the windows, and the time, for little gain).
 MINING_DETECTOR = DetectorConfig(min_face_size=20.0, thresholds=(0.6, 0.7, 0.7))
@@ -83,6 +82,11 @@ class PrepareConfig:
         return self.samples.stage
 
     @property
+    def mined_by(self) -> str | None:
+        """The stage whose proposals this stage's samples are mined from (None for pnet)."""
+        return stage_spec(self.stage).previous
+
+    @property
     def face_sources(self) -> tuple[str, ...]:
         """The face annotation sources, as given."""
         if self.faces is None:
@@ -98,9 +102,9 @@ class PrepareConfig:
         if self.face_images is not None and len(self.face_sources) > 1:
             raise PrepareError("--face-images names one image root; with several --faces sources, "
                                "keep each source's images where its format expects them")
-        if self.stage in MINED_BY and self.weights is None:
+        if self.mined_by is not None and self.weights is None:
             raise PrepareError(f"--stage {self.stage} mines its samples with the trained "
-                               f"{MINED_BY[self.stage]}: pass --weights (a weights file or training-run "
+                               f"{self.mined_by}: pass --weights (a weights file or training-run "
                                "folder holding it)")
         if self.limit is not None and self.limit < 1:
             raise PrepareError(f"--limit must be at least 1, got {self.limit}")
@@ -158,7 +162,8 @@ class SampleMaker:
         self.seed = seed
         self.storage_options = storage_options or {}
         self.detector = None
-        if samples.stage in MINED_BY:
+        self.mined_by = stage_spec(samples.stage).previous
+        if self.mined_by is not None:
             from mtcnn.detector import FaceDetector
             # Loaded once per actor: every batch it maps reuses the same nets.
             self.detector = FaceDetector(weights, config=mining)
@@ -195,7 +200,7 @@ class SampleMaker:
         if self.detector is not None:
             mined = [i for i, entry in enumerate(kept) if not entry[-1]]
             if mined:
-                found = self.detector.propose([images[i] for i in mined], up_to=MINED_BY[self.samples.stage])
+                found = self.detector.propose([images[i] for i in mined], up_to=self.mined_by)
                 for i, detections in zip(mined, found):
                     proposals[i] = detections.boxes
 
@@ -335,7 +340,7 @@ def _prepare_output(config: PrepareConfig) -> tuple[object, str]:
 
 def _check_weights(config: PrepareConfig) -> None:
     """Fail before any work when the weights lack the stages that mine this stage's samples."""
-    if config.stage not in MINED_BY:
+    if config.mined_by is None:
         return
     from mtcnn.weights import load_weights
 
@@ -343,7 +348,7 @@ def _check_weights(config: PrepareConfig) -> None:
         weights = load_weights(config.weights)
     except Exception as error:  # noqa: BLE001 - reported with what to pass instead
         raise PrepareError(f"cannot load --weights {config.weights}: {error}") from None
-    needed = ["pnet"] if config.stage == "rnet" else ["pnet", "rnet"]
+    needed = stage_spec(config.stage).earlier
     missing = [name for name in needed if name not in weights.stages]
     if missing:
         raise PrepareError(f"--weights {config.weights} lack {missing}, which mine {config.stage} samples; "
@@ -407,11 +412,11 @@ def _write_summary(fs, root: str, config: PrepareConfig, samples: SampleConfig, 
         "images_without_samples": summary.empty_images, "shards": summary.shards,
         "samples": dataclasses.asdict(samples),
         "augment": dataclasses.asdict(config.augment) if config.augment else None,
-        "mining": dataclasses.asdict(config.mining) if config.stage in MINED_BY else None,
+        "mining": dataclasses.asdict(config.mining) if config.mined_by else None,
         "weights": config.weights, "seed": config.seed, "faces": config.faces, "landmarks": config.landmarks,
         "storage_options": config.storage_options,
     })
-    if config.stage in MINED_BY:
+    if config.mined_by:
         from mtcnn.weights import load_weights
         record["weights_sha256"] = load_weights(config.weights).sha256
     with fs.open(root.rstrip("/") + "/" + SUMMARY_FILE, "w") as handle:
@@ -432,7 +437,7 @@ def _mix(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mtcnn-jobs prepare`."""
-    parser.add_argument("--stage", choices=STAGES, required=True, help="the stage whose samples to make")
+    parser.add_argument("--stage", choices=STAGE_NAMES, required=True, help="the stage whose samples to make")
     parser.add_argument("--faces", nargs="+", action="extend", metavar="SOURCE",
                         help="face annotations, one or more: WIDER *_bbx_gt.txt or a folder holding one "
                              "and images/, WebFaces ground truth, dlib XML, FDDB ellipse list, or an "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtcnn.nets import STAGES
+from mtcnn.nets import STAGE_NAMES
 
 from .ray_env import init_ray
 from .redaction import redact_text
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "train every stage in turn; the stage options below are ignored")
     parser.add_argument("--output", required=True,
                         help="run folder (or URL for one stage): weights.safetensors is written there")
-    parser.add_argument("--stage", choices=list(STAGES), help="the stage to train (without --config)")
+    parser.add_argument("--stage", choices=STAGE_NAMES, help="the stage to train (without --config)")
     parser.add_argument("--data", help="the stage's Parquet sample shards (folder or URL), "
                                        "e.g. PREPARE_OUTPUT/pnet")
     parser.add_argument("--previous-weights",

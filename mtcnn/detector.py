@@ -18,7 +18,7 @@ import torch
 
 from .boxes import batched_nms, calibrate, crop_regions, crop_resize, integral_image, square
 from .inference import ProposalNet, WindowNet
-from .nets import INPUT_SIZE
+from .nets import STAGE_NAMES, STAGES
 from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scales
 from .weights import CascadeWeights, load_weights
 
@@ -208,7 +208,7 @@ class FaceDetector:
 
     def propose(self, images, up_to: str = "pnet") -> list[Detections]:
         """Candidate windows after P-Net or R-Net (squared boxes and scores, no landmarks)."""
-        if up_to not in ("pnet", "rnet"):
+        if up_to not in STAGE_NAMES[:-1]:
             raise ValueError(f"up_to must be 'pnet' or 'rnet', got {up_to!r}")
         self._require(up_to)
         return self._run(_as_image_list(images), lambda rgb: self._propose_together(rgb, up_to))
@@ -322,7 +322,7 @@ class FaceDetector:
     def _score_windows(self, name: str, sources: "_ImageSources", boxes: torch.Tensor,
                        owners: torch.Tensor):
         """Crop every box from its image, run one stage in bounded chunks, keep those passing."""
-        size = INPUT_SIZE[name]
+        spec = STAGES[name]
         net = self._nets[name]
         chunk = self._stage_batch_size
         outputs, valid = [], []
@@ -330,13 +330,13 @@ class FaceDetector:
         for start in range(0, len(boxes), chunk):
             with record_function("mtcnn.crops"):
                 crops, inside = sources.crops(boxes[start:start + chunk], owners[start:start + chunk],
-                                              size)
+                                              spec.input_size)
             with record_function(f"mtcnn.{name}"):
                 outputs.append(net(crops))
             valid.append(inside)
         scores, offsets, landmarks = (torch.cat(part) if part[0] is not None else None
                                       for part in zip(*outputs))
-        threshold = self.config.thresholds[1 if name == "rnet" else 2]
+        threshold = self.config.thresholds[spec.order]
         # Crops that fell wholly outside the image are dropped with the low scores.
         passed = (scores > threshold) & torch.cat(valid)
         return passed, scores, offsets, landmarks

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nets import PNet
+from .nets import PIXEL_MEAN, PIXEL_SCALE, PNet
 
 
 def fold_normalization(body: nn.Sequential) -> nn.Sequential:
-    """A copy of a conv body that takes raw 0-255 pixels: (x - 127.5) / 128 folded into conv1."""
+    """A copy of a conv body that takes raw 0-255 pixels: normalize_pixels folded into conv1."""
     folded = copy.deepcopy(body)
     conv = folded[0]
     with torch.no_grad():
         # No padding in any stage, so the fold is exact at every output position.
-        conv.bias -= 127.5 * 0.0078125 * conv.weight.sum(dim=(1, 2, 3))
-        conv.weight *= 0.0078125
+        conv.bias -= PIXEL_MEAN * PIXEL_SCALE * conv.weight.sum(dim=(1, 2, 3))
+        conv.weight *= PIXEL_SCALE
     return folded
 
 

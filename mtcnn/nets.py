@@ -10,8 +10,9 @@ from torch import nn
 #: Heads a stage may carry; "classifier" and "box_regression" are always present.
 HEADS = ("classifier", "box_regression", "landmarks")
 
-#: Side of the square input window of each stage, in pixels.
-INPUT_SIZE = {"pnet": 12, "rnet": 24, "onet": 48}
+#: What the nets take: (x - PIXEL_MEAN) * PIXEL_SCALE maps 0-255 pixels to about [-1, 1].
+PIXEL_MEAN = 127.5
+PIXEL_SCALE = 0.0078125  # 1 / 128
 
 
 @dataclass
@@ -121,16 +122,50 @@ class ONet(_DenseStage):
         super().__init__(body, 128 * 3 * 3, 256, has_landmarks, dropout)
 
 
-STAGES: dict[str, type[_Stage]] = {"pnet": PNet, "rnet": RNet, "onet": ONet}
+# -- the stage table ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the cascade: its net, its square input window and its place in the order."""
+
+    name: str
+    net: type[_Stage]
+    #: Side of the square input window, in pixels.
+    input_size: int
+    #: Position in the cascade; also the index of the stage's entry in per-stage settings
+    #: such as DetectorConfig.thresholds and stage_nms.
+    order: int
+    #: The stage that hands this one its windows (None for P-Net, which scans the pyramid);
+    #: training samples of a stage with one are mined with the stages before it.
+    previous: str | None
+
+    @property
+    def earlier(self) -> tuple[str, ...]:
+        """Every stage before this one, in cascade order."""
+        return STAGE_NAMES[:self.order]
+
+
+#: The cascade, in order.
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
+    StageSpec("pnet", PNet, 12, 0, None),
+    StageSpec("rnet", RNet, 24, 1, "pnet"),
+    StageSpec("onet", ONet, 48, 2, "rnet"),
+)}
+STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
+
+
+def stage_spec(name: str) -> StageSpec:
+    """The spec of a stage by name; ValueError naming the stages for any other name."""
+    if name not in STAGES:
+        raise ValueError(f"stage must be one of {STAGE_NAMES}, got {name!r}")
+    return STAGES[name]
 
 
 def build_stage(name: str, has_landmarks: bool = True) -> _Stage:
     """A freshly initialised stage by name ("pnet", "rnet" or "onet")."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
-    return STAGES[name](has_landmarks=has_landmarks)
+    return stage_spec(name).net(has_landmarks=has_landmarks)
 
 
 def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
     """Map uint8-range pixels to about [-1, 1] as every stage expects."""
-    return (x - 127.5) * 0.0078125
+    return (x - PIXEL_MEAN) * PIXEL_SCALE

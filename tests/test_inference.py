@@ -1,7 +1,7 @@
 import torch
 
 from mtcnn.inference import ChannelsLastPReLU, MaxPool2x2, ProposalNet, WindowNet
-from mtcnn.nets import INPUT_SIZE, build_stage
+from mtcnn.nets import STAGES, build_stage
 from mtcnn.weights import load_weights
 
 
@@ -14,7 +14,7 @@ def test_inference_forms_give_the_stages_outputs():
         plain = stages["pnet"](pixels / 128.0 - 127.5 / 128.0)
         assert torch.allclose(torch.sigmoid(logits), plain.face_probability(), atol=1e-5)
         for name in ("rnet", "onet"):
-            size = INPUT_SIZE[name]
+            size = STAGES[name].input_size
             pixels = torch.randint(0, 256, (6, 3, size, size)).float()
             probability, offsets, landmarks = WindowNet(stages[name])(pixels)
             plain = stages[name](pixels / 128.0 - 127.5 / 128.0)
@@ -38,7 +38,7 @@ def test_prepacked_window_nets_give_the_same_outputs():
     torch.manual_seed(1)
     with torch.inference_mode():
         for name in ("rnet", "onet"):
-            size = INPUT_SIZE[name]
+            size = STAGES[name].input_size
             pixels = torch.randint(0, 256, (5, 3, size, size)).float().contiguous(
                 memory_format=torch.channels_last)
             eager = WindowNet(stages[name]).eval()
@@ -106,7 +106,7 @@ def test_bfloat16_nets_stay_close_to_fp32():
         assert rounded.dtype == torch.float32
         assert (torch.sigmoid(rounded) - torch.sigmoid(exact)).abs().max() < 0.05
         for name in ("rnet", "onet"):
-            size = INPUT_SIZE[name]
+            size = STAGES[name].input_size
             pixels = torch.randint(0, 256, (6, 3, size, size)).float()
             for got, want in zip(WindowNet(stages[name]).use_bfloat16()(pixels), WindowNet(stages[name])(pixels)):
                 if want is None:

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from mtcnn.nets import INPUT_SIZE, ONet, PNet, RNet, build_stage
+from mtcnn.nets import STAGES, ONet, PNet, RNet, build_stage
 
 
 @pytest.mark.parametrize("name", ["pnet", "rnet", "onet"])
 def test_stage_outputs_one_prediction_per_window(name):
     stage = build_stage(name).eval()
-    size = INPUT_SIZE[name]
+    size = STAGES[name].input_size
     out = stage(torch.zeros(3, 3, size, size))
     assert out.face_logits.shape[:2] == (3, 2)
     assert out.box_offsets.shape[:2] == (3, 4)
@@ -25,7 +25,7 @@ def test_pnet_is_fully_convolutional_with_stride_two():
 def test_landmark_head_is_explicit(cls):
     stage = cls(has_landmarks=False).eval()
     assert stage.landmarks is None and stage.heads == ("classifier", "box_regression")
-    size = INPUT_SIZE[stage.name]
+    size = STAGES[stage.name].input_size
     assert stage(torch.zeros(1, 3, size, size)).landmarks is None
     assert not any(key.startswith("landmarks") for key in stage.state_dict())
 
@@ -34,7 +34,7 @@ def test_landmark_head_is_explicit(cls):
 def test_dropout_only_in_training(cls):
     torch.manual_seed(0)
     stage = cls(dropout=0.5)
-    size = INPUT_SIZE[stage.name]
+    size = STAGES[stage.name].input_size
     x = torch.randn(4, 3, size, size)
     stage.train()
     assert not torch.equal(stage(x).face_logits, stage(x).face_logits)

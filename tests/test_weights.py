@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mtcnn import FaceDetector
-from mtcnn.nets import INPUT_SIZE, build_stage
+from mtcnn.nets import STAGES, build_stage
 from mtcnn.weights import (WeightsError, convert_reference_state, load_weights,
                            reference_weights_path, save_weights)
 
@@ -112,7 +112,7 @@ def test_conversion_reorders_dense_inputs_from_whc(name):
         if not layer.startswith("prelu"):
             state[f"{layer}.bias"] = torch.randn(shape[0]) * 0.1
     stage = convert_reference_state(name, state)
-    x = torch.randn(5, 3, INPUT_SIZE[name], INPUT_SIZE[name])
+    x = torch.randn(5, 3, STAGES[name].input_size, STAGES[name].input_size)
     expected = _reference_layout_forward(name, state, x)
     # Logits of random weights reach hundreds, their intermediates thousands: float32 sums in another
     # order (thread count, kernel choice) move them by up to ~5e-4. The wrong layout is off by far more.

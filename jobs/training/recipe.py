@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from mtcnn.nets import STAGES
+from mtcnn.nets import STAGE_NAMES
 
 from ..redaction import redact, redact_text
 from .schema import SUMMARY_FILE, stage_folder
@@ -44,7 +44,7 @@ class RecipeConfig:
     landmarks: str | None = None  # 5-point list (cnn_facepoint format)
     limit: int | None = None  # first N images of each list (quick runs)
     augment: bool = True
-    stages: dict[str, StageRecipe] = field(default_factory=lambda: {s: StageRecipe() for s in STAGES})
+    stages: dict[str, StageRecipe] = field(default_factory=lambda: {s: StageRecipe() for s in STAGE_NAMES})
     num_workers: int = 2
     cpus_per_worker: float | None = None  # None: up to 1, leaving Ray Data a CPU
     use_gpu: bool = False
@@ -57,9 +57,9 @@ class RecipeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.stages) - set(STAGES)
-        if unknown or list(self.stages) != [s for s in STAGES if s in self.stages]:
-            raise ValueError(f"stages must be a subset of {list(STAGES)} in cascade order, "
+        unknown = set(self.stages) - set(STAGE_NAMES)
+        if unknown or list(self.stages) != [s for s in STAGE_NAMES if s in self.stages]:
+            raise ValueError(f"stages must be a subset of {list(STAGE_NAMES)} in cascade order, "
                              f"got {list(self.stages)}")
         if "pnet" not in self.stages:
             raise ValueError("the recipe starts with pnet: every later stage is mined with it")

@@ -18,7 +18,9 @@ import torch
 
 from mtcnn.boxes import pairwise_overlap
 
-from .schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA, STAGE_SIZES
+from mtcnn.nets import stage_spec
+
+from .schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA
 
 #: Label of a window that is none of the kinds (between thresholds, or on an ignore box).
 DISCARD = -1
@@ -54,8 +56,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix", tuple(float(m) for m in self.mix))
-        if self.stage not in STAGE_SIZES:
-            raise ValueError(f"stage must be one of {tuple(STAGE_SIZES)}, got {self.stage!r}")
+        stage_spec(self.stage)  # an unknown stage fails here
         if len(self.mix) != 4 or any(not math.isfinite(m) or m < 0 for m in self.mix) or sum(self.mix) == 0:
             raise ValueError(f"mix must be four non-negative numbers negative:positive:part:landmark "
                              f"(e.g. 3,1,1,2), got {self.mix!r}")
@@ -70,7 +71,7 @@ class SampleConfig:
     @property
     def size(self) -> int:
         """Crop side in pixels for this stage."""
-        return STAGE_SIZES[self.stage]
+        return stage_spec(self.stage).input_size
 
     def quotas(self) -> tuple[float, float, float]:
         """Expected negatives, positives and parts per face image."""
@@ -377,7 +378,7 @@ def landmark_samples(image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray
 def to_table(samples: SampleSet, source: str, stage: str) -> pa.Table:
     """Schema rows (`SAMPLE_SCHEMA`) for the samples of one source image."""
     count = len(samples)
-    size = STAGE_SIZES[stage]
+    size = stage_spec(stage).input_size
     data = np.ascontiguousarray(samples.images, np.uint8).reshape(-1)
     offsets = np.arange(count + 1, dtype=np.int32) * (size * size * 3)
     images = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from mtcnn.nets import INPUT_SIZE
+from mtcnn.nets import stage_spec
 
 # Sample kinds as stored in the `kind` column.
 NEGATIVE, POSITIVE, PART, LANDMARK = 0, 1, 2, 3
 KIND_NAMES = {NEGATIVE: "negative", POSITIVE: "positive", PART: "part", LANDMARK: "landmark"}
 
-#: Crop side in pixels per stage: 12, 24 and 48.
-STAGE_SIZES = dict(INPUT_SIZE)
-STAGES = tuple(STAGE_SIZES)
-
-#: One row per training crop. `image` holds size*size*3 RGB uint8 bytes in H, W, C order;
+#: One row per training crop, of the stage's input size (mtcnn.nets.STAGES). `image` holds size*size*3 RGB uint8 bytes in H, W, C order;
 #: `box` the offsets (gt_x1 - crop_x1, gt_y1 - crop_y1, gt_x2 - crop_x2, gt_y2 - crop_y2) over
 #: the crop side (zeros for negatives and landmark samples); `landmarks` the five x then the
 #: five y of the points, (p - crop origin) / crop side (zeros unless kind is LANDMARK).
@@ -34,6 +30,5 @@ SUMMARY_FILE = "_prepare.json"
 
 def stage_folder(root: str, stage: str) -> str:
     """Where a stage's shards live under a prepare output root (local path or URL)."""
-    if stage not in STAGE_SIZES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    stage_spec(stage)  # an unknown stage fails here
     return root.rstrip("/") + "/" + stage

@@ -22,7 +22,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mtcnn.nets import INPUT_SIZE, build_stage, normalize_pixels
+from mtcnn.nets import build_stage, normalize_pixels, stage_spec
 from mtcnn.weights import load_weights, save_weights
 
 from ..ray_env import init_ray
@@ -73,8 +73,7 @@ class TrainConfig:
     inject_failure_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.stage not in INPUT_SIZE:
-            raise ValueError(f"stage must be one of {sorted(INPUT_SIZE)}, got {self.stage!r}")
+        stage_spec(self.stage)  # an unknown stage fails here
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("epochs, batch_size and num_workers must be at least 1 "
                              f"(got {self.epochs}, {self.batch_size}, {self.num_workers})")
@@ -159,9 +158,10 @@ def _check_shards(config: TrainConfig) -> None:
     head = dataset.head(1, columns=["size"]).column("size").to_pylist()
     if not head:
         raise ValueError(f"{config.data} holds no samples")
-    if head[0] != INPUT_SIZE[config.stage]:
+    size = stage_spec(config.stage).input_size
+    if head[0] != size:
         raise ValueError(f"{config.data} holds {head[0]}px samples but {config.stage} trains on "
-                         f"{INPUT_SIZE[config.stage]}px ones; prepare samples for this stage")
+                         f"{size}px ones; prepare samples for this stage")
 
 
 def load_samples(config: TrainConfig) -> tuple[ray.data.Dataset, int]:
