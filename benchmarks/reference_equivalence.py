@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mtcnn import FaceDetector
-from mtcnn.boxes import pairwise_overlap
+from mtcnn.box_coder import box_iou
 from mtcnn.pyramid import PYRAMIDS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -41,7 +41,7 @@ def match_faces(reference: dict, found, min_score: float = 0.9) -> tuple[int, in
         return 0, 0, []
     if len(found) == 0:
         return len(wanted), 0, ["missed"] * len(wanted)
-    iou = pairwise_overlap(torch.from_numpy(ref_boxes[wanted]), torch.from_numpy(found.boxes)).numpy()
+    iou = box_iou(torch.from_numpy(ref_boxes[wanted]), torch.from_numpy(found.boxes)).numpy()
     reproduced, reasons = 0, []
     for row, index in enumerate(wanted):
         best = int(iou[row].argmax())

@@ -1,4 +1,4 @@
-"""Box arithmetic for the cascade: NMS, calibration, squaring and crop-resize, all in torch."""
+"""Box arithmetic for the cascade: NMS, squaring and crop-resize, all in torch (the box coder: box_coder.py)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,10 @@ import cv2
 import numpy as np
 import torch
 
+from .box_coder import box_iou
+
 # Overlaps are computed a block of rows at a time so memory stays bounded however many boxes.
 _NMS_BLOCK = 1024
-
-
-def pairwise_overlap(a: torch.Tensor, b: torch.Tensor, mode: str = "union",
-                     plus_one: bool = False) -> torch.Tensor:
-    """Overlap of every box in a (N, 4) with every box in b (M, 4): IoU or intersection/min."""
-    one = 1.0 if plus_one else 0.0
-    area_a = (a[:, 2] - a[:, 0] + one) * (a[:, 3] - a[:, 1] + one)
-    area_b = (b[:, 2] - b[:, 0] + one) * (b[:, 3] - b[:, 1] + one)
-    width = (torch.minimum(a[:, None, 2], b[None, :, 2])
-             - torch.maximum(a[:, None, 0], b[None, :, 0]) + one).clamp(min=0)
-    height = (torch.minimum(a[:, None, 3], b[None, :, 3])
-              - torch.maximum(a[:, None, 1], b[None, :, 1]) + one).clamp(min=0)
-    inter = width * height
-    if mode == "min":
-        return inter / torch.minimum(area_a[:, None], area_b[None, :]).clamp(min=1e-12)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-12)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
@@ -69,7 +55,7 @@ def masked_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     for start in range(0, count, _NMS_BLOCK):
         stop = min(start + _NMS_BLOCK, count)
         # Which later box of the same group each box of this block would suppress.
-        overlap = pairwise_overlap(sorted_boxes[start:stop], sorted_boxes[start:], mode, plus_one)
+        overlap = box_iou(sorted_boxes[start:stop], sorted_boxes[start:], plus_one=plus_one, mode=mode)
         same = sorted_groups[start:stop, None] == sorted_groups[None, start:]
         rows = ((overlap > threshold) & same).cpu().numpy()  # one transfer per block
         for offset in range(stop - start):
@@ -81,15 +67,6 @@ def masked_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     return order[torch.tensor(kept, dtype=torch.long, device=boxes.device)]
 
 
-def calibrate(boxes: torch.Tensor, offsets: torch.Tensor, plus_one: bool) -> torch.Tensor:
-    """Apply box-regression offsets (relative to box size) to (N, 4) boxes."""
-    one = 1.0 if plus_one else 0.0
-    width = boxes[:, 2] - boxes[:, 0] + one
-    height = boxes[:, 3] - boxes[:, 1] + one
-    size = torch.stack([width, height, width, height], dim=1)
-    return boxes + offsets * size
-
-
 def square(boxes: torch.Tensor) -> torch.Tensor:
     """Grow (N, 4) boxes to squares of their longer side around the same centre."""
     width = boxes[:, 2] - boxes[:, 0]
@@ -98,18 +75,6 @@ def square(boxes: torch.Tensor) -> torch.Tensor:
     x1 = boxes[:, 0] + width * 0.5 - side * 0.5
     y1 = boxes[:, 1] + height * 0.5 - side * 0.5
     return torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
-
-
-def crop_regions(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Pixel-edge regions (N, 4) that the cascade crops for boxes, clipped to the image."""
-    # Matches the original MTCNN's 1-based integer convention: pixels trunc(x1)-1 .. trunc(x2)-1.
-    whole = boxes.trunc()
-    # A box wholly outside the image keeps an in-bounds (empty or 1-pixel) region.
-    x1 = whole[:, 0].clamp(min=1, max=width) - 1
-    y1 = whole[:, 1].clamp(min=1, max=height) - 1
-    x2 = whole[:, 2].clamp(max=width)
-    y2 = whole[:, 3].clamp(max=height)
-    return torch.stack([x1, y1, x2, y2], dim=1)
 
 
 def integral_image(image: torch.Tensor) -> torch.Tensor:

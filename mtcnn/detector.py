@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import torch
 
-from .boxes import batched_nms, calibrate, crop_regions, crop_resize, integral_image, square
+from .box_coder import crop_regions, decode_boxes, decode_landmarks
+from .boxes import batched_nms, crop_resize, integral_image, square
 from .inference import ProposalNet, WindowNet
 from .nets import STAGE_NAMES, STAGES
 from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scales
@@ -276,7 +277,7 @@ class FaceDetector:
                 keep = batched_nms(boxes, scores, owners, cfg.stage_nms[0])
                 boxes, scores, offsets = boxes[keep], scores[keep], offsets[keep]
                 owners = owners[keep]
-        return square(calibrate(boxes, offsets, plus_one=False)), owners, scores
+        return square(decode_boxes(boxes, offsets, plus_one=False)), owners, scores
 
     def _propose_same_size(self, sources: "_ImageSources", members: list[int]) -> list[tuple]:
         """P-Net candidates of images that have the same size, before NMS."""
@@ -349,7 +350,7 @@ class FaceDetector:
         boxes, scores, offsets, owners = boxes[passed], scores[passed], offsets[passed], owners[passed]
         with record_function("mtcnn.nms"):
             keep = batched_nms(boxes, scores, owners, self.config.stage_nms[1])
-        boxes = square(calibrate(boxes[keep], offsets[keep], plus_one=True))
+        boxes = square(decode_boxes(boxes[keep], offsets[keep], plus_one=True))
         return boxes, owners[keep], scores[keep]
 
     def _output(self, sources: "_ImageSources", boxes: torch.Tensor, owners: torch.Tensor):
@@ -359,11 +360,9 @@ class FaceDetector:
         passed, scores, offsets, points = self._score_windows("onet", sources, boxes, owners)
         boxes, scores, offsets, owners = boxes[passed], scores[passed], offsets[passed], owners[passed]
         points = points[passed]
-        size = (boxes[:, 2:] - boxes[:, :2] + 1)
         # O-Net predicts the five x then the five y coordinates relative to its window.
-        landmarks = torch.stack([points[:, :5], points[:, 5:]], dim=2) * size[:, None, :] \
-            + boxes[:, None, :2] - 1
-        boxes = calibrate(boxes, offsets, plus_one=True)
+        landmarks = decode_landmarks(boxes, points, plus_one=True)
+        boxes = decode_boxes(boxes, offsets, plus_one=True)
         with record_function("mtcnn.nms"):
             keep = batched_nms(boxes, scores, owners, self.config.stage_nms[2], mode="min",
                                plus_one=True)

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from mtcnn import boxes as box_ops
-from mtcnn.boxes import (batched_nms, calibrate, crop_regions, crop_resize, integral_image,
-                         pairwise_overlap, square)
+from mtcnn.box_coder import box_iou, crop_regions, decode_boxes
+from mtcnn.boxes import batched_nms, crop_resize, integral_image, square
 
 
 def greedy_nms(boxes, scores, groups, threshold, mode, plus_one):
@@ -15,7 +15,7 @@ def greedy_nms(boxes, scores, groups, threshold, mode, plus_one):
     for i in order:
         others = [j for j in kept if groups[j] == groups[i]]
         if others:
-            overlap = pairwise_overlap(boxes[i:i + 1], boxes[others], mode, plus_one)
+            overlap = box_iou(boxes[i:i + 1], boxes[others], plus_one=plus_one, mode=mode)
             if (overlap > threshold).any():
                 continue
         kept.append(i)
@@ -58,7 +58,7 @@ def test_empty_nms():
 
 def test_calibrate_and_square():
     box = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
-    assert torch.equal(calibrate(box, torch.tensor([[0.1, 0.0, -0.1, 0.5]]), plus_one=False),
+    assert torch.equal(decode_boxes(box, torch.tensor([[0.1, 0.0, -0.1, 0.5]]), plus_one=False),
                        torch.tensor([[12.0, 20.0, 28.0, 80.0]]))
     assert torch.allclose(square(box), torch.tensor([[0.0, 20.0, 40.0, 60.0]]))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtcnn import DetectorConfig, Detections, FaceDetector
-from mtcnn.boxes import pairwise_overlap
+from mtcnn.box_coder import box_iou
 
 DATA = Path(__file__).parent / "data"
 
@@ -31,7 +31,7 @@ def assert_matches(found: Detections, boxes, scores, landmarks):
     """Every expected face is found with IoU >= 0.9, score within 0.01, landmarks within 2 px."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     assert len(found) == len(boxes)
-    iou = pairwise_overlap(torch.from_numpy(boxes), torch.from_numpy(found.boxes)).numpy()
+    iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(found.boxes)).numpy()
     for row in range(len(boxes)):
         best = iou[row].argmax()
         assert iou[row, best] >= 0.9
@@ -50,7 +50,7 @@ def test_classic_pyramid_reproduces_the_reference(detector, astronaut, reference
 def test_fast_pyramids_find_the_same_face(astronaut, reference, pyramid):
     found = FaceDetector(pyramid=pyramid).detect([astronaut])[0]
     assert len(found) == 1
-    iou = pairwise_overlap(torch.from_numpy(found.boxes), torch.tensor(reference["boxes"]))
+    iou = box_iou(torch.from_numpy(found.boxes), torch.tensor(reference["boxes"]))
     assert iou.item() >= 0.85
 
 
@@ -64,7 +64,7 @@ def test_bf16_finds_the_same_face_with_close_scores_and_landmarks(detector, astr
     exact = detector.detect([astronaut])[0]
     rounded = FaceDetector(pyramid="classic", precision="bf16").detect([astronaut])[0]
     assert len(rounded) == len(exact) == 1
-    iou = pairwise_overlap(torch.from_numpy(rounded.boxes), torch.from_numpy(exact.boxes))
+    iou = box_iou(torch.from_numpy(rounded.boxes), torch.from_numpy(exact.boxes))
     assert iou.item() >= 0.9
     assert abs(float(rounded.scores[0]) - float(exact.scores[0])) < 0.02
     assert np.abs(rounded.landmarks - exact.landmarks).max() < 3.0

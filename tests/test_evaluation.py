@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from jobs.cli import main as cli_main
+from mtcnn.box_coder import box_iou
 from mtcnn.evaluation import (SETTINGS, WiderGroundTruth, draw_pr_curves, evaluate_landmarks, evaluate_wider,
-                              landmark_nme, load_wider_ground_truth, match_faces, match_image, overlap_plus_one,
+                              landmark_nme, load_wider_ground_truth, match_faces, match_image,
                               save_pr_curves, voc_ap)
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -28,10 +29,10 @@ def ground_truth() -> WiderGroundTruth:
 def test_overlap_uses_plus_one_pixels():
     box = np.array([[0, 0, 9, 9]])
     # 10 x 10 boxes; shifted by 5 they share a 5 x 10 strip: 50 / (100 + 100 - 50).
-    np.testing.assert_allclose(overlap_plus_one(box, [[0, 0, 9, 9], [5, 0, 14, 9], [20, 20, 30, 30]]),
+    np.testing.assert_allclose(box_iou(box, [[0, 0, 9, 9], [5, 0, 14, 9], [20, 20, 30, 30]], plus_one=True),
                                [[1.0, 1 / 3, 0.0]])
     # Boxes touching at one pixel column still overlap under the +1 convention: 1 x 10 / 190.
-    np.testing.assert_allclose(overlap_plus_one(box, [[9, 0, 18, 9]]), [[10 / 190]])
+    np.testing.assert_allclose(box_iou(box, [[9, 0, 18, 9]], plus_one=True), [[10 / 190]])
 
 
 def test_match_ignore_duplicates_and_false_positives():
@@ -52,7 +53,7 @@ def test_match_never_reassigns_to_the_second_best_face():
     gt = np.array([[0, 0, 99, 99], [30, 0, 129, 99]], float)  # two counted faces that overlap
     detections = np.array([[0, 0, 99, 99],    # face 0 exactly
                            [10, 0, 109, 99]])  # best face 0 (IoU 0.82), face 1 second (0.67)
-    overlaps = overlap_plus_one(detections, gt)
+    overlaps = box_iou(detections, gt, plus_one=True)
     assert overlaps[1, 0] > overlaps[1, 1] >= 0.5
     _, true_positive = match_image(detections, gt, counted=np.array([0, 1]))
     # Face 0 is taken, and the protocol does not fall back to face 1: a false positive.
@@ -93,7 +94,7 @@ def _official_loop(detections, ground_truth, num_thresholds=1000, iou_threshold=
                 continue
             matched, proposal, hits_so_far = set(), [], []
             for box in boxes:
-                ious = overlap_plus_one(box[None], gt)[0]
+                ious = box_iou(box[None], gt, plus_one=True)[0]
                 best = int(ious.argmax())
                 keep = True
                 if ious[best] >= iou_threshold:

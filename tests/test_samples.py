@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.training.samples import (DISCARD, SampleConfig, box_targets, crop_windows, face_samples, iou,
-                                   label_windows, landmark_samples, landmark_targets, proposal_windows,
-                                   to_table)
+from jobs.training.samples import (DISCARD, SampleConfig, crop_windows, face_samples, iou, label_windows,
+                                   landmark_samples, proposal_windows, to_table)
+from mtcnn.box_coder import encode_boxes, encode_landmarks
 from jobs.training.schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA
 
 GT = np.array([[0.0, 0.0, 100.0, 100.0]], np.float32)
@@ -61,17 +61,17 @@ def test_ignore_boxes_are_neither_faces_nor_negatives():
 
 
 def test_box_targets():
-    np.testing.assert_array_equal(box_targets(GT, GT), np.zeros((1, 4), np.float32))
+    np.testing.assert_array_equal(encode_boxes(GT, GT), np.zeros((1, 4), np.float32))
     shifted = np.array([[10.0, 20.0, 110.0, 120.0]])
-    np.testing.assert_allclose(box_targets(shifted, GT), [[-0.1, -0.2, -0.1, -0.2]], atol=1e-7)
+    np.testing.assert_allclose(encode_boxes(GT, shifted), [[-0.1, -0.2, -0.1, -0.2]], atol=1e-7)
     wider = np.array([[0.0, 0.0, 200.0, 100.0]])  # offsets over width for x, height for y
-    np.testing.assert_allclose(box_targets(wider, GT), [[0.0, 0.0, -0.5, 0.0]], atol=1e-7)
+    np.testing.assert_allclose(encode_boxes(GT, wider), [[0.0, 0.0, -0.5, 0.0]], atol=1e-7)
 
 
 def test_landmark_targets_are_five_x_then_five_y():
     window = np.array([[10.0, 20.0, 110.0, 120.0]])
     points = np.array([[[60, 70], [10, 20], [110, 120], [35, 95], [85, 45]]], np.float32)
-    targets = landmark_targets(window, points)
+    targets = encode_landmarks(points, window)
     np.testing.assert_allclose(targets[0, :5], [0.5, 0.0, 1.0, 0.25, 0.75], atol=1e-7)
     np.testing.assert_allclose(targets[0, 5:], [0.5, 0.0, 1.0, 0.75, 0.25], atol=1e-7)
 

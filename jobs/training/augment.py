@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-#: A horizontal flip turns the subject's left into image-right: left eye <-> right eye and
-#: left mouth corner <-> right mouth corner, so "left" stays the image-left point.
-FLIPPED_LANDMARK_ORDER = np.array([1, 0, 2, 4, 3])
+from mtcnn.box_coder import LANDMARK_FLIP_ORDER
+
+#: Where each landmark comes from after a horizontal flip, so "left" stays the image-left point.
+FLIPPED_LANDMARK_ORDER = np.array(LANDMARK_FLIP_ORDER)
 
 
 @dataclass(frozen=True)

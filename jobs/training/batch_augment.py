@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .augment import FLIPPED_LANDMARK_ORDER
+from mtcnn.box_coder import flip_targets
+
 from .schema import LANDMARK
 
 
@@ -40,14 +41,9 @@ def flip_samples(pixels: torch.Tensor, kinds: torch.Tensor, boxes: torch.Tensor,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mirror the chosen (N,) crops of (N, C, S, S) pixels left-right, with their targets."""
     pixels = torch.where(chosen[:, None, None, None], pixels.flip(-1), pixels)
-    # Box targets are (gt - window edge) / window size. Mirroring inside the window maps the
-    # face's right edge to its left one: x1' = -x2, x2' = -x1; rows are unchanged.
-    mirrored_boxes = torch.stack([-boxes[:, 2], boxes[:, 1], -boxes[:, 0], boxes[:, 3]], dim=1)
+    mirrored_boxes, mirrored_marks = flip_targets(boxes, landmarks)
     boxes = torch.where(chosen[:, None], mirrored_boxes, boxes)
-    # Landmarks are the five x then the five y, as fractions of the window: x' = 1 - x, and the
-    # image-left and image-right points trade places. Only landmark samples carry any.
-    order = torch.as_tensor(FLIPPED_LANDMARK_ORDER, device=landmarks.device)
-    mirrored_marks = torch.cat([1.0 - landmarks[:, :5][:, order], landmarks[:, 5:][:, order]], dim=1)
+    # Only landmark samples carry landmarks (the others' zeros stay zeros).
     with_marks = chosen & (kinds == LANDMARK)
     landmarks = torch.where(with_marks[:, None], mirrored_marks, landmarks)
     return pixels, boxes, landmarks

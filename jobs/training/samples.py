@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import pyarrow as pa
-import torch
 
-from mtcnn.boxes import pairwise_overlap
+from mtcnn.box_coder import box_iou, box_windows, encode_boxes, encode_landmarks
 
 from mtcnn.nets import stage_spec
 
@@ -117,11 +116,8 @@ class SampleSet:
 
 
 def iou(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU (N, M) of every window with every box (continuous coordinates)."""
-    if len(windows) == 0 or len(boxes) == 0:
-        return np.zeros((len(windows), len(boxes)), np.float32)
-    return pairwise_overlap(torch.as_tensor(np.asarray(windows, np.float32)),
-                            torch.as_tensor(np.asarray(boxes, np.float32))).numpy()
+    """IoU (N, M) of every window with every box (continuous coordinates), in float32."""
+    return box_iou(np.asarray(windows, np.float32), np.asarray(boxes, np.float32))
 
 
 def label_windows(windows: np.ndarray, boxes: np.ndarray, ignore: np.ndarray,
@@ -140,22 +136,6 @@ def label_windows(windows: np.ndarray, boxes: np.ndarray, ignore: np.ndarray,
     kinds[usable & (best_iou >= config.part_iou) & (best_iou <= config.positive_iou)] = PART
     kinds[usable & (best_iou > config.positive_iou)] = POSITIVE
     return kinds, best
-
-
-def box_targets(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Offsets (N, 4) of each box's sides from its window's, over the window width / height."""
-    windows = np.asarray(windows, np.float64)
-    size = np.concatenate([windows[:, 2:] - windows[:, :2]] * 2, axis=1)
-    return ((np.asarray(boxes, np.float64) - windows) / size).astype(np.float32)
-
-
-def landmark_targets(windows: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    """Points (N, 5, 2) relative to their windows, as (N, 10): the five x, then the five y."""
-    windows = np.asarray(windows, np.float64)
-    origin = windows[:, None, :2]
-    size = (windows[:, 2:] - windows[:, :2])[:, None, :]
-    relative = (np.asarray(landmarks, np.float64) - origin) / size
-    return np.concatenate([relative[:, :, 0], relative[:, :, 1]], axis=1).astype(np.float32)
 
 
 def crop_windows(image: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
@@ -224,9 +204,8 @@ def near_windows(boxes: np.ndarray, width: int, height: int, rng: np.random.Gene
 
 
 def proposal_windows(boxes: np.ndarray) -> np.ndarray:
-    """Integer windows the detector crops for proposed boxes (its 1-based rule, unclipped)."""
-    whole = np.trunc(np.asarray(boxes, np.float64)).astype(np.int64).reshape(-1, 4)
-    windows = np.stack([whole[:, 0] - 1, whole[:, 1] - 1, whole[:, 2], whole[:, 3]], axis=1)
+    """Integer windows the detector crops for proposed boxes (its rule, unclipped), empty ones left out."""
+    windows = box_windows(boxes)
     return windows[(windows[:, 2] > windows[:, 0]) & (windows[:, 3] > windows[:, 1])]
 
 
@@ -334,7 +313,7 @@ def face_samples(image: np.ndarray, boxes: np.ndarray, ignore: np.ndarray, confi
     for kind in (NEGATIVE, POSITIVE, PART):
         windows, matched = picker.result(kind)
         targets = (np.zeros((len(windows), 4), np.float32) if kind == NEGATIVE
-                   else box_targets(windows, boxes[matched]))
+                   else encode_boxes(boxes[matched], windows))
         sets.append(SampleSet(crop_windows(image, windows, config.size), np.full(len(windows), kind, np.int8),
                               targets, np.zeros((len(windows), 10), np.float32), windows))
     return SampleSet.concatenate(sets, config.size)
@@ -371,7 +350,7 @@ def landmark_samples(image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray
         return SampleSet.concatenate([], config.size)
     windows, owner = np.concatenate(chosen), np.concatenate(owners)
     return SampleSet(crop_windows(image, windows, config.size), np.full(len(windows), LANDMARK, np.int8),
-                     np.zeros((len(windows), 4), np.float32), landmark_targets(windows, landmarks[owner]),
+                     np.zeros((len(windows), 4), np.float32), encode_landmarks(landmarks[owner], windows),
                      windows)
 
 

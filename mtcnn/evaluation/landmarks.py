@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..box_coder import box_iou
+
 
 def landmark_nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per face (N,), the mean distance of the known points over the distance between the eye centres.
@@ -27,26 +29,13 @@ def landmark_nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.nansum(np.where(known, distances, np.nan), axis=1) / known.sum(axis=1) / interocular
 
 
-def overlap(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """IoU (N, M) of x1 y1 x2 y2 boxes (continuous coordinates, width = x2 - x1)."""
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 1, 4)
-    others = np.asarray(others, np.float64).reshape(1, -1, 4)
-    inter_w = np.clip(np.minimum(boxes[..., 2], others[..., 2]) - np.maximum(boxes[..., 0], others[..., 0]), 0, None)
-    inter_h = np.clip(np.minimum(boxes[..., 3], others[..., 3]) - np.maximum(boxes[..., 1], others[..., 1]), 0, None)
-    intersection = inter_w * inter_h
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    other_area = (others[..., 2] - others[..., 0]) * (others[..., 3] - others[..., 1])
-    union = area + other_area - intersection
-    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
-
-
 def match_faces(detected_boxes: np.ndarray, true_boxes: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
     """For each true face (M,), the index of the detection with the highest IoU >= threshold, or -1."""
     detected_boxes = np.asarray(detected_boxes, np.float64).reshape(-1, 4)
     true_boxes = np.asarray(true_boxes, np.float64).reshape(-1, 4)
     if len(detected_boxes) == 0 or len(true_boxes) == 0:
         return np.full(len(true_boxes), -1, np.int64)
-    overlaps = overlap(true_boxes, detected_boxes)
+    overlaps = box_iou(true_boxes, detected_boxes)
     best = overlaps.argmax(axis=1)
     return np.where(overlaps[np.arange(len(true_boxes)), best] >= iou_threshold, best, -1)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..annotations import AnnotationError, read_wider
+from ..box_coder import box_iou
 
 SETTINGS = ("easy", "medium", "hard")
 
@@ -126,19 +127,6 @@ def load_wider_ground_truth(folder: str | os.PathLike) -> WiderGroundTruth:
     return WiderGroundTruth(images, boxes, counted, str(image_root))
 
 
-def overlap_plus_one(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """IoU (N, M) with the "+1 pixel" convention of the WIDER evaluation (width = x2 - x1 + 1)."""
-    boxes = np.asarray(boxes, np.float64)[:, None, :]
-    others = np.asarray(others, np.float64)[None, :, :]
-    inter_w = np.minimum(boxes[..., 2], others[..., 2]) - np.maximum(boxes[..., 0], others[..., 0]) + 1
-    inter_h = np.minimum(boxes[..., 3], others[..., 3]) - np.maximum(boxes[..., 1], others[..., 1]) + 1
-    intersection = np.where((inter_w > 0) & (inter_h > 0), inter_w * inter_h, 0.0)
-    area = (boxes[..., 2] - boxes[..., 0] + 1) * (boxes[..., 3] - boxes[..., 1] + 1)
-    other_area = (others[..., 2] - others[..., 0] + 1) * (others[..., 3] - others[..., 1] + 1)
-    union = area + other_area - intersection
-    return np.divide(intersection, union, out=np.zeros_like(intersection), where=intersection > 0)
-
-
 def match_image(boxes: np.ndarray, gt_boxes: np.ndarray, counted: np.ndarray,
                 iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Per detection (in the given order): is it a proposal (not dropped), and is it a true positive.
@@ -149,7 +137,7 @@ def match_image(boxes: np.ndarray, gt_boxes: np.ndarray, counted: np.ndarray,
     """
     if len(boxes) == 0 or len(gt_boxes) == 0:
         return np.ones(len(boxes), bool), np.zeros(len(boxes), bool)
-    overlaps = overlap_plus_one(boxes, gt_boxes)
+    overlaps = box_iou(np.asarray(boxes, np.float64), np.asarray(gt_boxes, np.float64), plus_one=True)
     best = overlaps.argmax(axis=1)
     hit = overlaps[np.arange(len(boxes)), best] >= iou_threshold
     is_counted = np.zeros(len(gt_boxes), bool)
