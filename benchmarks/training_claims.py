@@ -39,7 +39,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 def make_shards(folder: Path, limit: int) -> Path:
     """P-Net samples of the first `limit` WIDER and landmark images, via the prepare job."""
-    from jobs.prepare import PrepareConfig, prepare_stage
+    from jobs.training.prepare_stage import PrepareConfig, prepare_stage
     from jobs.training.samples import SampleConfig
 
     summary = prepare_stage(PrepareConfig(

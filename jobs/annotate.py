@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 class JobStopped(RuntimeError):
     """The run stopped before annotating anything, for a reason that is not any image's fault."""
 
+    exit_status = 1  # not the input's fault either: 2 is for bad input
+
 
 @dataclass
 class AnnotateConfig:
@@ -629,23 +631,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs annotate from parsed arguments; exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        detector = detector_config(args)
-        config = AnnotateConfig(
-            input=args.input, output=args.output, weights=args.weights, detector=detector,
-            address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
-            cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-            storage_options=parse_storage_options(args.storage_options), overwrite=args.overwrite,
-            retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-            read_retries=args.read_retries, rows_per_file=args.rows_per_file,
-            show_progress=True)
-        summary = annotate(config)
-    except JobStopped as error:
-        print(f"mtcnn-jobs annotate: {redact_text(str(error))}", file=sys.stderr)
-        return 1
-    except (InputError, OutputError, ValueError, ConnectionError) as error:
-        print(f"mtcnn-jobs annotate: {redact_text(str(error))}", file=sys.stderr)
-        return 2
+    detector = detector_config(args)
+    config = AnnotateConfig(
+        input=args.input, output=args.output, weights=args.weights, detector=detector,
+        address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
+        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+        storage_options=parse_storage_options(args.storage_options), overwrite=args.overwrite,
+        retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+        read_retries=args.read_retries, rows_per_file=args.rows_per_file,
+        show_progress=True)
+    summary = annotate(config)
     print(redact_text(summary.line()))
     return 0
 

@@ -8,10 +8,16 @@ import signal
 import sys
 import threading
 
-from .redaction import install_log_redaction
+from .redaction import install_log_redaction, redact_text
+
+#: Errors that mean the input is wrong (options, files, access): one line, exit status 2, no
+#: traceback. An error with an `exit_status` attribute exits with that instead.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, ConnectionError)
 
 # Subcommand -> (module, one-line help). Each module defines add_arguments(parser) and
-# run(args) -> int (the exit status).
+# run(args) -> int (the exit status); it may name INPUT_ERRORS of its own (e.g. OSError for a
+# command whose files are its input). No command module imports another: what two commands
+# share lives below them (tests/test_layout.py).
 COMMANDS = {
     "annotate": ("jobs.annotate", "detect faces in a folder, bucket or manifest of images into Parquet"),
     "preview": ("jobs.preview", "draw an annotate run's detections into an HTML gallery"),
@@ -65,11 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM (`ray job stop`, a scheduler's timeout, kill) ends a command as Ctrl-C does, so
         # its finally blocks run: an annotate job lets go of its OUTPUT's lease.
         signal.signal(signal.SIGTERM, _interrupt)
+    expected = INPUT_ERRORS + tuple(getattr(args._module, "INPUT_ERRORS", ()))
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - sorted below: input errors end here, bugs go on
+        status = getattr(error, "exit_status", 2 if isinstance(error, expected) else None)
+        if status is None:
+            raise
+        # Messages may quote paths or URLs that carry credentials.
+        print(f"mtcnn-jobs {args.command}: {redact_text(str(error))}", file=sys.stderr)
+        return int(status)
 
 
 def _interrupt(signum, frame) -> None:

@@ -482,19 +482,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs crops from parsed arguments; exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        settings = CropSettings(align=args.align, size=args.size, margin=args.margin, min_score=args.min_score,
-                                min_size=args.min_size, faces=args.faces, image_format=args.image_format,
-                                quality=args.quality)
-        config = CropsConfig(annotations=args.annotations, output=args.output, settings=settings, files=args.files,
-                             address=args.address, concurrency=args.concurrency,
-                             cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-                             storage_options=parse_storage_options(args.storage_options),
-                             overwrite=args.overwrite, max_pixels=args.max_pixels)
-        summary = crops(config)
-    except (AnnotationsError, OutputError, ValueError, ConnectionError) as error:
-        print(f"mtcnn-jobs crops: {error}", file=sys.stderr)
-        return 2
+    settings = CropSettings(align=args.align, size=args.size, margin=args.margin, min_score=args.min_score,
+                            min_size=args.min_size, faces=args.faces, image_format=args.image_format,
+                            quality=args.quality)
+    config = CropsConfig(annotations=args.annotations, output=args.output, settings=settings, files=args.files,
+                         address=args.address, concurrency=args.concurrency,
+                         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+                         storage_options=parse_storage_options(args.storage_options),
+                         overwrite=args.overwrite, max_pixels=args.max_pixels)
+    summary = crops(config)
     print(summary.line())
     return 0
 

@@ -1,4 +1,4 @@
-"""Image bytes -> H x W x 3 uint8 RGB, as displayed (EXIF orientation applied), or a reason why not."""
+"""Image bytes -> H x W x 3 uint8 RGB, as displayed (EXIF orientation applied) or as stored, or a reason why not."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 
 import cv2  # noqa: E402 - after the limit above
 import numpy as np  # noqa: E402
+
+from .storage import filesystem  # noqa: E402
 
 #: Default cap on a file's size in bytes, checked before it is read whole.
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -156,8 +158,11 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """RGB uint8 pixels of an encoded image, rotated as its EXIF orientation says it is displayed."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, orientation: bool = True) -> np.ndarray:
+    """RGB uint8 pixels of an encoded image, after checks of its size and completeness.
+
+    orientation: rotate it as its EXIF orientation says it is displayed (False: the stored grid).
+    """
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
     size = image_size(data)
@@ -176,18 +181,38 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         # libjpeg fills a cut-off scan with grey and only warns; no end marker after the last
         # scan header means the file was cut short (a download or copy that did not finish).
         raise DecodeError("truncated JPEG: the file ends before the image data does")
+    return decode_pixels(data, orientation, "truncated or corrupt image")
+
+
+def decode_pixels(data: bytes, orientation: bool = True,
+                  unreadable: str = "not an image OpenCV can read (expected JPEG, PNG, BMP, WebP or TIFF)"
+                  ) -> np.ndarray:
+    """RGB uint8 pixels of an encoded image, no limits checked: the one place images become RGB.
+
+    orientation: rotate as the EXIF orientation says the image is displayed; False keeps the
+    stored pixel grid (what dataset annotations refer to).
+    """
     buffer = np.frombuffer(data, dtype=np.uint8)
-    # COLOR_RGB: gray, RGBA and CMYK come back as 3-channel RGB with EXIF orientation applied;
-    # ANYDEPTH keeps 16-bit and float samples so they are scaled below rather than truncated.
+    # COLOR_RGB: gray, RGBA and CMYK come back as 3-channel RGB; ANYDEPTH keeps 16-bit and float
+    # samples so they are scaled below rather than truncated.
+    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH
+    if not orientation:
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH)
+        image = cv2.imdecode(buffer, flags)
     except cv2.error as error:
         raise DecodeError(f"not a readable image: {str(error).strip().splitlines()[-1]}") from None
     if image is None or image.size == 0:
-        kind = "truncated or corrupt image" if size is not None else \
-            "not an image OpenCV can read (expected JPEG, PNG, BMP, WebP or TIFF)"
-        raise DecodeError(kind)
+        raise DecodeError(unreadable)
     return to_uint8_rgb(image)
+
+
+def read_rgb(path: str, storage_options: dict | None = None, orientation: bool = True,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image file (local path or fsspec URL) as checked RGB pixels (decode_image)."""
+    fs, inner = filesystem(path, storage_options)
+    with fs.open(inner, "rb") as handle:
+        return decode_image(handle.read(), max_pixels, orientation)
 
 
 def _looks_truncated_header(data: bytes) -> bool:

@@ -372,18 +372,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="with --ray: detector actors")
 
 
+#: Besides cli.INPUT_ERRORS: a dataset file that is not there.
+INPUT_ERRORS = (FileNotFoundError,)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs evaluate from parsed arguments; exit status."""
-    try:
-        detector = detector_config(args)
-        metrics = evaluate(EvaluateConfig(
-            wider=args.wider, landmarks=args.landmarks, weights=args.weights, detector=detector,
-            device=args.device, output=args.output, limit=args.limit, batch_size=args.batch_size,
-            use_ray=args.ray, address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
-            predictions=args.predictions, storage_options=parse_storage_options(args.storage_options)))
-    except (AnnotationError, AnnotationsError, ImageReadError, FileNotFoundError, ValueError, ConnectionError) as error:
-        print(f"mtcnn-jobs evaluate: {redact_text(str(error))}", file=sys.stderr)
-        return 2
+    detector = detector_config(args)
+    metrics = evaluate(EvaluateConfig(
+        wider=args.wider, landmarks=args.landmarks, weights=args.weights, detector=detector,
+        device=args.device, output=args.output, limit=args.limit, batch_size=args.batch_size,
+        use_ray=args.ray, address=args.address, num_gpus=args.num_gpus, concurrency=args.concurrency,
+        predictions=args.predictions, storage_options=parse_storage_options(args.storage_options)))
     print(format_table(metrics))
     if args.output:
         print(f"wrote {Path(args.output) / 'metrics.json'}"

@@ -283,15 +283,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", default=None, help="JSON object of fsspec/s3fs options")
 
 
+#: Besides cli.INPUT_ERRORS: the output file cannot be written.
+INPUT_ERRORS = (OSError,)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs export; exit status."""
-    try:
-        config = ExportConfig(annotations=args.annotations, format=args.format, out=args.out,
-                              min_score=args.min_score, relative_to=args.relative_to, decimals=args.decimals,
-                              storage_options=parse_storage_options(args.storage_options))
-        summary = export(config)
-    except (AnnotationsError, ValueError, OSError) as error:
-        print(f"mtcnn-jobs export: {error}", file=sys.stderr)
-        return 2
+    config = ExportConfig(annotations=args.annotations, format=args.format, out=args.out,
+                          min_score=args.min_score, relative_to=args.relative_to, decimals=args.decimals,
+                          storage_options=parse_storage_options(args.storage_options))
+    summary = export(config)
     print(summary.line(config))
     return 0

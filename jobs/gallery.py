@@ -110,15 +110,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", default=None, help="JSON object of fsspec/s3fs options")
 
 
+#: Besides cli.INPUT_ERRORS: the chips cannot be read or the gallery written.
+INPUT_ERRORS = (OSError,)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs gallery; exit status."""
-    try:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {args.limit}")
-        index = make_gallery(args.output, args.out, args.limit, parse_storage_options(args.storage_options),
-                             marks=not args.no_marks)
-    except (FileNotFoundError, ValueError, OSError) as error:
-        print(f"mtcnn-jobs gallery: {error}", file=sys.stderr)
-        return 2
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    index = make_gallery(args.output, args.out, args.limit, parse_storage_options(args.storage_options),
+                         marks=not args.no_marks)
     print(f"wrote {index}")
     return 0

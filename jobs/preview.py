@@ -144,17 +144,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", default=None, help="JSON object of fsspec/s3fs options")
 
 
+#: Besides cli.INPUT_ERRORS: the run cannot be read or the pictures written.
+INPUT_ERRORS = (OSError,)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run mtcnn-jobs preview; exit status."""
-    try:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {args.limit}")
-        config = PreviewConfig(output=args.output, out_dir=args.out, limit=args.limit,
-                               min_score=args.min_score,
-                               storage_options=parse_storage_options(args.storage_options))
-        index = make_preview(config)
-    except (FileNotFoundError, ValueError, OSError) as error:
-        print(f"mtcnn-jobs preview: {redact_text(str(error))}", file=sys.stderr)
-        return 2
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    config = PreviewConfig(output=args.output, out_dir=args.out, limit=args.limit,
+                           min_score=args.min_score,
+                           storage_options=parse_storage_options(args.storage_options))
+    index = make_preview(config)
     print(f"wrote {redact_text(index)}")
     return 0

@@ -44,6 +44,11 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
         else fs._strip_protocol(url)
 
 
+def is_url(path: str) -> bool:
+    """Whether a path is written as a URL (scheme://..., file:// included) rather than a local path."""
+    return "://" in path
+
+
 def is_remote(url: str) -> bool:
     """Whether a path is an object-store (or other non-local) URL."""
     head = url.split("/", 1)[0]

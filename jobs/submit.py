@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from .cluster_jobs import ClusterError, connect, exit_status, follow
+from .cluster_client import connect, exit_status, follow
 from .redaction import is_secret_name, looks_like_secret, redact, redact_text
 
 #: Name of the generated package that carries secret settings to the job's processes.
@@ -225,24 +225,20 @@ def _check_command(command: str, arguments: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Submit the command; with --wait, follow it to the end."""
-    try:
-        settings = parse_env(args.env, os.environ, args.secret_env)
-        # Credentials first: a usage error from parsing would echo the arguments as given.
-        check_arguments(args.arguments, settings)
-        _check_command(args.command, args.arguments)
-        for path in local_paths(args.arguments):
-            print(f"note: {path} is a path on this machine; cluster nodes only see their own disks "
-                  "(use object storage, e.g. s3://, or a shared filesystem)", file=sys.stderr)
-        client = connect(args.address)
-        job_id = args.job_id or job_id_for(args.command)
-        working_dir = None if args.no_working_dir else args.working_dir
-        with runtime_environment(settings, working_dir) as (runtime_env, prefix):
-            entrypoint = shlex.join([*prefix, "mtcnn-jobs", args.command, *args.arguments])
-            client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
-                              metadata={"submitted_by": "mtcnn-jobs submit", "command": args.command})
-    except (SubmitError, ClusterError) as error:
-        print(f"error: {redact_text(str(error))}", file=sys.stderr)
-        return 2
+    settings = parse_env(args.env, os.environ, args.secret_env)
+    # Credentials first: a usage error from parsing would echo the arguments as given.
+    check_arguments(args.arguments, settings)
+    _check_command(args.command, args.arguments)
+    for path in local_paths(args.arguments):
+        print(f"note: {path} is a path on this machine; cluster nodes only see their own disks "
+              "(use object storage, e.g. s3://, or a shared filesystem)", file=sys.stderr)
+    client = connect(args.address)
+    job_id = args.job_id or job_id_for(args.command)
+    working_dir = None if args.no_working_dir else args.working_dir
+    with runtime_environment(settings, working_dir) as (runtime_env, prefix):
+        entrypoint = shlex.join([*prefix, "mtcnn-jobs", args.command, *args.arguments])
+        client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+                          metadata={"submitted_by": "mtcnn-jobs submit", "command": args.command})
     address = redact_text(client.get_address())
     print(f"submitted {job_id} to {address}")
     if settings.names():

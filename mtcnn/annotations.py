@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = [
-    "AnnotationError", "ImageAnnotation", "PointBoxRule", "WEBFACES_BOX_RULE", "box_from_points",
-    "from_table", "read_dlib_xml", "read_facepoint_list", "read_fddb", "read_webfaces", "read_wider",
-    "to_table",
+    "AnnotationError", "FACE_FORMATS", "FaceSourceError", "ImageAnnotation", "PointBoxRule",
+    "WEBFACES_BOX_RULE", "box_from_points", "face_format", "from_table", "read_dlib_xml",
+    "read_face_source", "read_facepoint_list", "read_fddb", "read_webfaces", "read_wider",
+    "split_format", "to_table",
 ]
 
 NUM_LANDMARKS = 5
@@ -64,20 +65,25 @@ class ImageAnnotation:
         return len(self.boxes)
 
 
+def _is_url(path: str) -> bool:
+    """Whether a path is written as a URL (jobs.storage.is_url's rule; the library stays apart)."""
+    return "://" in path
+
+
 def _image_root(image_root: str | os.PathLike | None, default: Path) -> Path | str:
     """The folder images are relative to; URLs stay strings (Path would fold "s3://" to "s3:/")."""
     if image_root is None:
         return default
-    return str(image_root) if "://" in str(image_root) else Path(image_root)
+    return str(image_root) if _is_url(str(image_root)) else Path(image_root)
 
 
 def _resolve(root: Path | str, relative: str) -> str:
     """The image path for a name found in an annotation file (URLs and absolute paths kept)."""
     relative = relative.replace("\\", "/")
-    if "://" in relative or os.path.isabs(relative):
+    if _is_url(relative) or os.path.isabs(relative):
         return relative
     root_text = str(root)
-    if "://" in root_text:
+    if _is_url(root_text):
         return root_text.rstrip("/") + "/" + relative
     return os.path.abspath(os.path.join(root, relative))
 
@@ -449,3 +455,80 @@ def from_table(table: pa.Table) -> list[ImageAnnotation]:
                             width, height)
             for i, (path, width, height) in enumerate(zip(table["path"].to_pylist(), table["width"].to_pylist(),
                                                           table["height"].to_pylist()))]
+
+
+# -- face sources: which reader a file needs ---------------------------------------------------
+
+#: Face annotation formats a source may name as FORMAT:PATH, each read by its reader above.
+FACE_FORMATS = ("wider", "webfaces", "dlib", "fddb", "table")
+
+
+class FaceSourceError(AnnotationError):
+    """A face source whose format cannot be told or whose file is not there (not a bad line)."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(source, None, problem)
+
+
+def split_format(source: str) -> tuple[str | None, str]:
+    """(FORMAT, PATH) of a FORMAT:PATH source; (None, source) when it names no known format."""
+    head, colon, rest = str(source).partition(":")
+    if colon and head.lower() in FACE_FORMATS:
+        return head.lower(), rest
+    return None, str(source)
+
+
+def face_format(source: str) -> tuple[str, str]:
+    """(format, path) of a face source: FORMAT:PATH, or a path whose name tells the format."""
+    named, path_text = split_format(source)
+    if named is not None:
+        return named, path_text
+    path = Path(source)
+    name = path.name.lower()
+    if path.is_dir() or name.endswith("_bbx_gt.txt"):
+        return "wider", source
+    if name.endswith(".xml"):
+        return "dlib", source
+    if name.endswith(".parquet"):
+        return "table", source
+    if "ellipselist" in name:
+        return "fddb", source
+    if "webfaces" in name or "groundthruth" in name:
+        return "webfaces", source
+    raise FaceSourceError(source, "cannot tell the annotation format from the name; write it as "
+                                  f"FORMAT:PATH, FORMAT one of {', '.join(FACE_FORMATS)}")
+
+
+def _wider_paths(source: str, images: str | None) -> tuple[str, str]:
+    """The gt file and image root of a WIDER source given as a file or a folder."""
+    path = Path(source)
+    if path.is_dir():
+        found = sorted(path.glob("*_bbx_gt.txt"))
+        if len(found) != 1:
+            raise FaceSourceError(source, f"is a folder; expected exactly one *_bbx_gt.txt in it, found "
+                                          f"{len(found)}: pass the gt file itself")
+        return str(found[0]), images or str(path / "images")
+    if not path.is_file():
+        raise FaceSourceError(source, "no such file or folder")
+    return str(path), images or str(path.parent / "images")
+
+
+def read_face_source(source: str, images: str | os.PathLike | None = None) -> list[ImageAnnotation]:
+    """The face annotations of one source (FORMAT:PATH or a telling name), read by its format's reader."""
+    kind, path = face_format(source)
+    if _is_url(path):
+        raise FaceSourceError(source, "annotation files are read from local disk (the images they name "
+                                      "may be anywhere); copy the file here and pass its path")
+    if kind == "wider":
+        return read_wider(*_wider_paths(path, images))
+    if not Path(path).is_file():
+        raise FaceSourceError(source, "no such file")
+    if kind == "webfaces":
+        return read_webfaces(path, images)
+    if kind == "dlib":
+        return read_dlib_xml(path)
+    if kind == "fddb":
+        return read_fddb(path, images)
+    import pyarrow.parquet as pq
+
+    return from_table(pq.read_table(path))

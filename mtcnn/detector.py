@@ -31,12 +31,15 @@ PRECISIONS = ("fp32", "bf16")
 class DetectorConfig:
     """Detection parameters; the defaults are the original MTCNN's."""
 
-    min_face_size: float = 20.0
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    scale_factor: float = 0.709
+    min_face_size: float = field(default=20.0, metadata={"help": "smallest face looked for, in pixels"})
+    #: Indexed by each stage's order in mtcnn.nets.STAGES.
+    thresholds: tuple[float, float, float] = field(default=(0.6, 0.7, 0.7), metadata={
+        "help": "P-, R-, O-Net score thresholds, e.g. 0.6,0.7,0.7"})
+    scale_factor: float = field(default=0.709, metadata={"help": "size ratio of neighbouring pyramid levels"})
     #: "classic" (exact area interpolation of the full image, as the reference): the faster
     #: variants differ from it by up to 0.008 WIDER AP (benchmarks/pyramid_ap.py, issue 15).
-    pyramid: str = "classic"
+    pyramid: str = field(default="classic", metadata={"help": "how the image pyramid is built",
+                                                      "choices": PYRAMIDS})
     #: IoU above which P-Net windows of one pyramid level suppress each other.
     level_nms: float = 0.5
     #: IoU thresholds of the NMS after P-Net (across levels), R-Net and O-Net ("min" overlap).

@@ -11,7 +11,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from jobs import cli
-from jobs.prepare import PrepareConfig, PrepareError, SampleMaker, input_table, prepare_stage, read_inputs
+from jobs.training.prepare_stage import (PrepareConfig, PrepareError, SampleMaker, input_table, prepare_stage,
+                                         read_inputs)
 from jobs.training.augment import AugmentConfig
 from jobs.training.samples import SampleConfig
 from jobs.training.schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA, SUMMARY_FILE

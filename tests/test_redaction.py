@@ -257,7 +257,7 @@ from test_submit import mtcnn_jobs, ray_head  # noqa: E402,F401 - the module's f
 
 def _job_details(environ: dict, *job_ids: str) -> str:
     """Everything the job server stores about the jobs (details and logs), as one text."""
-    script = ("import json, sys\nfrom jobs.cluster_jobs import connect\nc = connect(None)\n"
+    script = ("import json, sys\nfrom jobs.cluster_client import connect\nc = connect(None)\n"
               "print(json.dumps({j: {'info': c.get_job_info(j).model_dump(mode='json'),"
               " 'logs': c.get_job_logs(j)} for j in sys.argv[1:]}))")
     done = subprocess.run([sys.executable, "-c", script, *job_ids], env=environ, cwd=REPO,
@@ -271,7 +271,7 @@ def test_jobs_status_and_logs_mask_every_shape(ray_head):
     # A job submitted by other means (the SDK, a colleague's script): its entrypoint holds every
     # shape, and it prints them all into its log.
     entrypoint = shlex.join(["printf", "%s\\n", *[shape.text for shape in CORPUS]])
-    script = ("import sys\nfrom jobs.cluster_jobs import connect, wait_until_done\nc = connect(None)\n"
+    script = ("import sys\nfrom jobs.cluster_client import connect, wait_until_done\nc = connect(None)\n"
               "c.submit_job(entrypoint=sys.stdin.read(), submission_id='prints-secrets')\n"
               "print(wait_until_done(c, 'prints-secrets').value)")
     submitted = subprocess.run([sys.executable, "-c", script], input=entrypoint, env=ray_head.environ,

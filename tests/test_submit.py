@@ -224,7 +224,7 @@ def test_annotate_job_on_s3_with_credentials_that_never_show(ray_head, s3_server
 _READBACK = """
 import contextlib, io, json, sys
 from jobs.cli import main
-from jobs.cluster_jobs import connect
+from jobs.cluster_client import connect
 client, out = connect(None), {}
 for job_id in sys.argv[1:]:
     printed = io.StringIO()

@@ -8,7 +8,7 @@ rotated corners, which is looser than the face: the exact face outline is not kn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -23,21 +23,20 @@ FLIPPED_LANDMARK_ORDER = np.array(LANDMARK_FLIP_ORDER)
 class AugmentConfig:
     """Random geometric transforms; defaults are the paper's (Keras ImageDataGenerator knobs)."""
 
-    #: Rotation drawn uniformly from [-max_rotation, max_rotation] degrees.
-    max_rotation: float = 40.0
-    #: Horizontal and vertical shifts, each up to this fraction of the image width / height.
-    max_shift: float = 0.2
-    #: Zoom factor drawn from [1 - max_zoom, 1 + max_zoom], the same for both axes so faces
-    #: keep their aspect ratio.
-    max_zoom: float = 0.2
-    #: Mirror left-right with probability 0.5.
-    horizontal_flip: bool = True
-    #: Share of images transformed at all; the rest pass unchanged so the nets also see
-    #: upright faces with tight boxes, the case the evaluation measures.
-    probability: float = 0.5
-    #: A box of which less than this share stays inside the image becomes an ignore box:
-    #: too little of the face is left to learn it from, but no negative may cover it.
-    min_visible: float = 0.5
+    max_rotation: float = field(default=40.0, metadata={
+        "help": "rotation drawn uniformly from +- this many degrees"})
+    max_shift: float = field(default=0.2, metadata={
+        "help": "horizontal and vertical shifts, each up to this fraction of the image width / height"})
+    #: The same for both axes so faces keep their aspect ratio.
+    max_zoom: float = field(default=0.2, metadata={"help": "zoom factor drawn from 1 +- this"})
+    horizontal_flip: bool = field(default=True, metadata={"help": "mirror left-right with probability 0.5"})
+    #: The rest pass unchanged so the nets also see upright faces with tight boxes, the case
+    #: the evaluation measures.
+    probability: float = field(default=0.5, metadata={"help": "share of images augmented",
+                                                      "flag": "--augment-probability"})
+    #: Too little of the face is left to learn it from, but no negative may cover it.
+    min_visible: float = field(default=0.5, metadata={
+        "help": "a box with less than this share inside the image becomes an ignore box"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_rotation <= 180.0:

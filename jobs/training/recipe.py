@@ -13,7 +13,10 @@ import yaml
 
 from mtcnn.nets import STAGE_NAMES
 
+from mtcnn.annotations import split_format
+
 from ..redaction import redact, redact_text
+from ..storage import is_url
 from .schema import SUMMARY_FILE, stage_folder
 from .trainer import WEIGHTS_FILE, TrainConfig, TrainSummary, train_stage
 
@@ -105,11 +108,9 @@ def load_recipe(path: str | Path) -> RecipeConfig:
 
 def _resolve_from(folder: Path, source: str) -> str:
     """A relative local path (after an optional FORMAT: prefix) taken from folder; others as they are."""
-    from ..prepare import FACE_FORMATS
-
-    head, colon, rest = str(source).partition(":")
-    prefix, location = (head + colon, rest) if colon and head.lower() in FACE_FORMATS else ("", str(source))
-    if "://" in location or Path(location).is_absolute():
+    named, location = split_format(source)
+    prefix = f"{named}:" if named else ""
+    if is_url(location) or Path(location).is_absolute():
         return str(source)
     return prefix + str((folder / location).resolve())
 
@@ -127,8 +128,8 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str 
     """Make (or reuse, when a finished earlier run left them) a stage's samples."""
     from mtcnn.detector import DetectorConfig
 
-    from ..prepare import MINING_DETECTOR, PrepareConfig, prepare_stage
     from .augment import AugmentConfig
+    from .prepare_stage import MINING_DETECTOR, PrepareConfig, prepare_stage
     from .samples import SampleConfig
 
     folder = Path(stage_folder(str(samples_root), stage))

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from mtcnn.box_coder import box_iou, box_windows, encode_boxes, encode_landmarks
 
-from mtcnn.nets import stage_spec
+from mtcnn.nets import STAGE_NAMES, stage_spec
 
 from .schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA
 
@@ -31,27 +31,29 @@ MIN_NEGATIVE_SIZE = 12
 class SampleConfig:
     """How many samples of which kind to make per image, and the IoU rules that label them."""
 
-    stage: str = "pnet"
-    #: Negatives + positives + parts per face image, split by `mix` (fewer when an image has
-    #: too few usable faces).
-    samples_per_image: int = 100
-    #: Relative amounts of negative : positive : part : landmark samples.
-    mix: tuple[float, float, float, float] = (3.0, 1.0, 1.0, 2.0)
-    #: Landmark samples per landmark image; None: as many as `mix` asks for when there are as
-    #: many landmark images as face images (`prepare` scales it to the real image counts).
-    landmark_samples_per_image: float | None = None
-    positive_iou: float = 0.65
-    part_iou: float = 0.4
-    #: The paper's 0.4; the original MTCNN uses 0.3 (windows between it and part_iou are dropped).
-    negative_iou: float = 0.4
-    #: Faces whose longer side is below this many pixels give no positives, parts or landmark
-    #: samples (they still keep negatives off them).
-    min_face_size: float = 20.0
-    #: Random windows tried per sample wanted before giving up on a quota.
-    attempts_per_sample: int = 20
-    #: Mined stages: fill positive, part and negative quotas that the proposals leave short
-    #: with random windows, so every image contributes all kinds.
-    top_up: bool = True
+    stage: str = field(default="pnet", metadata={"help": "the stage whose samples to make",
+                                                 "choices": STAGE_NAMES})
+    #: Split by `mix` (fewer when an image has too few usable faces).
+    samples_per_image: int = field(default=100, metadata={"help": "negatives + positives + parts per face image"})
+    mix: tuple[float, float, float, float] = field(default=(3.0, 1.0, 1.0, 2.0), metadata={
+        "help": "negative,positive,part,landmark ratio of the samples"})
+    #: None: as many as `mix` asks for when there are as many landmark images as face images
+    #: (`prepare` scales it to the real image counts).
+    landmark_samples_per_image: float | None = field(default=None, metadata={
+        "help": "landmark samples per landmark image (None: as --mix asks, given the numbers of images)"})
+    positive_iou: float = field(default=0.65, metadata={"help": "positives overlap a face above this IoU"})
+    part_iou: float = field(default=0.4, metadata={"help": "part faces overlap a face from this IoU to positive_iou"})
+    #: The paper's 0.4; the original MTCNN uses 0.3 (windows between it and part_iou are dropped),
+    #: as do the shipped recipes.
+    negative_iou: float = field(default=0.4, metadata={"help": "negatives overlap every face below this IoU"})
+    #: They still keep negatives off them.
+    min_face_size: float = field(default=20.0, metadata={
+        "help": "faces smaller than this (longer side, px) give no positives, parts or landmark samples"})
+    attempts_per_sample: int = field(default=20, metadata={
+        "help": "random windows tried per sample wanted before giving up on a quota"})
+    #: So every image contributes all kinds.
+    top_up: bool = field(default=True, metadata={
+        "help": "mined stages: fill the quotas the proposals leave short with random windows"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mix", tuple(float(m) for m in self.mix))
