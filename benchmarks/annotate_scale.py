@@ -129,7 +129,7 @@ def committed_output(root: Path, manifest: Path, count: int) -> Path:
     """An OUTPUT holding one committed row for each of the manifest's first `count` paths."""
     import pyarrow as pa
 
-    from jobs.annotate import commit_rows
+    from jobs.annotate_job import commit_rows
     from jobs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
     from jobs.schema import annotation_table, run_metadata
     from mtcnn import DetectorConfig, Detections, load_weights

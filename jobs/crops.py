@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from mtcnn.align import ALIGN_METHODS, AlignError, align_face, transform_points
 
-from .annotation_files import AnnotationsError, annotation_files, check_schema, run_metadata_of
+from .annotation_files import annotation_files, check_schema, run_metadata_of
 from .decode import DEFAULT_MAX_PIXELS
 from .parts import (Lease, OutputError, commit_file, committed_parts, new_owner, parquet_bytes, part_name,
                     remove_stale_temporaries)

@@ -21,4 +21,4 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
 
 def detector_config(args: argparse.Namespace) -> DetectorConfig:
     """The DetectorConfig the parsed detector options describe (ValueError if invalid)."""
-    return build(DetectorConfig, given_under(args, "detector"), "detector options")
+    return build(DetectorConfig, given_under(args, "detector."), "detector options")

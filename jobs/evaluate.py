@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from jobs.detector_args import add_detector_arguments, detector_config
@@ -22,9 +21,11 @@ from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
                               load_wider_ground_truth, save_pr_curves)
 
-from .annotation_files import AnnotationsError, flatten_faces, iter_batches, run_metadata_of
+from .annotation_files import flatten_faces, iter_batches, run_metadata_of
 from .redaction import public_path, redact, redact_text
-from .storage import filesystem, parse_storage_options
+from .decode import DecodeError, decode_pixels
+from .schema import read_annotations, row_detections
+from .storage import filesystem, is_url, parse_storage_options
 
 
 class ImageReadError(ValueError):
@@ -36,15 +37,15 @@ def read_rgb(path: str) -> np.ndarray:
     try:
         fs, inner = filesystem(path)
         with fs.open(inner, "rb") as handle:
-            data = np.frombuffer(handle.read(), np.uint8)
+            data = handle.read()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image not found (is the dataset folder complete?)") from None
-    # Annotations refer to the stored pixels, so EXIF orientation is not applied (as Pillow's
-    # Image.open, which the reference numbers used).
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise ImageReadError(f"{path}: not a decodable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        # Annotations refer to the stored pixels, so EXIF orientation is not applied (as Pillow's
+        # Image.open, which the reference numbers used).
+        return decode_pixels(data, orientation=False)
+    except DecodeError:
+        raise ImageReadError(f"{path}: not a decodable image") from None
 
 
 class Progress:
@@ -103,8 +104,7 @@ class AnnotateJobDetection:
 
     def __call__(self, paths: list[str], label: str) -> list[Detections]:
         """Detections for each image file, in order; the job's rows stay under work_dir/label."""
-        from .annotate import AnnotateConfig, annotate
-        from .schema import read_annotations
+        from .annotate_job import AnnotateConfig, annotate
 
         folder = Path(self.work_dir) / label
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,18 +117,15 @@ class AnnotateJobDetection:
             batch_size=self.batch_size, overwrite=True))
         print(redact_text(f"{label}: {summary.line()}"), file=sys.stderr, flush=True)
         table = read_annotations(output)
-        rows = {_row_key(path): (faces, error) for path, faces, error in
-                zip(table["path"].to_pylist(), table["faces"].to_pylist(), table["error"].to_pylist())}
+        rows = {_row_key(path): (found, error) for path, found, error in
+                zip(table["path"].to_pylist(), row_detections(table["faces"]), table["error"].to_pylist())}
         results = []
         for path in paths:
-            faces, error = rows.get(_row_key(path), (None, "the annotate job returned no row for it"))
-            if error is not None or faces is None:
+            found, error = rows.get(_row_key(path), (None, "the annotate job returned no row for it"))
+            if error is not None or found is None:
                 raise ImageReadError(f"{path}: {error}")
-            faces = sorted(faces, key=lambda face: -face["score"])
-            results.append(Detections(
-                np.array([f["box"] for f in faces], np.float32).reshape(-1, 4),
-                np.array([f["score"] for f in faces], np.float32),
-                np.array([f["landmarks"] for f in faces], np.float32).reshape(-1, 5, 2)))
+            order = np.argsort(-found.scores, kind="stable")  # best first
+            results.append(Detections(found.boxes[order], found.scores[order], found.landmarks[order]))
         return results
 
 
@@ -172,7 +169,7 @@ class StoredPredictions:
 
     def _rows(self, wanted: dict[str, int]):
         """(image key, detections, error) for every stored image; only wanted ones are kept in memory."""
-        local = "://" not in self.source
+        local = not is_url(self.source)
         if local and os.path.isdir(self.source) and not any(
                 name.endswith(".parquet") for name in os.listdir(self.source)):
             yield from _wider_prediction_rows(self.source)
@@ -218,7 +215,7 @@ def _wider_prediction_rows(folder: str):
 
 def _row_key(path: str) -> str:
     """An image's key among annotate's rows, whose `path` is the input minus any credentials."""
-    return public_path(path) if "://" in path else os.path.abspath(path)
+    return public_path(path) if is_url(path) else os.path.abspath(path)
 
 
 #: Detection backend: (image paths, label for progress) -> detections per image, in order.

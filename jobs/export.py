@@ -10,7 +10,6 @@ import json
 import math
 import os
 import posixpath
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field

@@ -6,7 +6,6 @@ import argparse
 import html
 import os
 import re
-import sys
 
 import cv2
 import numpy as np

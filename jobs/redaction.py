@@ -200,7 +200,7 @@ def redact(value: Any) -> Any:
 
 def public_path(path: str) -> str:
     """path as the user gave it minus credentials (userinfo, signing query parameters); deterministic."""
-    if "://" not in path:
+    if "://" not in path:  # storage.is_url's rule (storage imports this module)
         return path  # a local path: nothing to strip, and rewriting it would break resume
     try:
         parts = urlsplit(path)

@@ -66,6 +66,29 @@ def annotation_table(paths: list[str], sizes: list[tuple[int, int] | None],
                                 schema=ANNOTATION_SCHEMA)
 
 
+def row_detections(faces: pa.Array | pa.ChunkedArray) -> list[Detections | None]:
+    """A faces column back as one Detections per row, faces in stored order; None for error rows.
+
+    The inverse of `annotation_table` for the faces: boxes (N, 4), scores (N,), landmarks (N, 5, 2).
+    """
+    if isinstance(faces, pa.ChunkedArray):
+        faces = faces.combine_chunks() if faces.num_chunks != 1 else faces.chunk(0)
+    faces = faces.cast(pa.list_(FACE_TYPE))
+    offsets = faces.offsets.to_numpy()
+    # `values` ignores a slice of the list array but `offsets` index into it, so they agree.
+    values = faces.values
+
+    def column(name: str, width: int) -> np.ndarray:
+        field = values.field(name)
+        flat = field.flatten() if width > 1 else field
+        return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+
+    boxes, scores, points = column("box", 4), column("score", 1)[:, 0], column("landmarks", 10)
+    valid = faces.is_valid().to_numpy(zero_copy_only=False)
+    return [Detections(boxes[lo:hi].copy(), scores[lo:hi].copy(), points[lo:hi].reshape(-1, 5, 2).copy())
+            if ok else None for lo, hi, ok in zip(offsets[:-1], offsets[1:], valid)]
+
+
 def read_annotations(output: str, storage_options: dict | None = None,
                      columns: list[str] | None = None) -> pa.Table:
     """The committed rows of an annotate OUTPUT as one Arrow table (for tools on small outputs)."""

@@ -16,7 +16,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .storage import filesystem, is_remote, protocol_prefix
+from .storage import filesystem, is_remote, is_url, protocol_prefix
 
 #: File name endings taken as images when listing a folder or prefix (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -145,7 +145,7 @@ def _scan_local(folder: str) -> Iterator[str]:
 
 def _resolve(entry: str, base: str, prefix: str) -> str:
     """A manifest entry made absolute: URIs as written, relative paths against the manifest's folder."""
-    if "://" in entry:
+    if is_url(entry):
         return entry
     if prefix:
         return prefix + posixpath.normpath(posixpath.join(base, entry))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.annotate import AnnotateConfig, OutputError, annotate
+from jobs.annotate_job import AnnotateConfig, OutputError, annotate
 from jobs.cli import main
 from jobs.reading import ReadPolicy
 from jobs.schema import read_metadata
@@ -215,7 +215,7 @@ def test_decoding_in_separate_tasks_gives_the_same_rows(first_run, images, tmp_p
 
 def test_a_detection_failure_marks_only_its_own_row(tmp_path):
     """When the batch call fails, each image is retried alone and only the culprit gets an error."""
-    from jobs.annotate import FaceAnnotator
+    from jobs.annotate_job import FaceAnnotator
 
     astronaut = cv2.imread(str(DATA / "astronaut.png"))
     paths = []

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.annotate import AnnotateConfig, FaceAnnotator, annotate, commit_rows
+from jobs.annotate_job import AnnotateConfig, FaceAnnotator, annotate, commit_rows
 from jobs.cli import main
 from jobs.parts import LEASE_NAME, Lease, OutputError, committed_parts
 from jobs.reading import ReadPolicy

@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from jobs.annotate import commit_rows
+from jobs.annotate_job import commit_rows
 from jobs.cli import main
 from jobs.decode import decode_image
 from jobs.schema import annotation_table

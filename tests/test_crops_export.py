@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.annotate import AnnotateConfig, annotate
+from jobs.annotate_job import AnnotateConfig, annotate
 from jobs.cli import main
 from jobs.crops import CropsConfig, CropSettings, chip_file_name, crops, select_faces
 from jobs.decode import decode_image
