@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtcnn import DetectorConfig, FaceDetector, load_weights
+from mtcnn import Detections, DetectorConfig, FaceDetector, load_weights
 from mtcnn.weights import CascadeWeights
 
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -245,6 +245,38 @@ class _Journal:
             self.state.finish.remote(self.token)
 
 
+class _Rows:
+    """What a batch's output rows will say: size and detections, or an error and its kind."""
+
+    def __init__(self, batch: pa.Table) -> None:
+        count = batch.num_rows
+        self.sizes: list[tuple[int, int] | None] = [None] * count
+        self.detections: list[Detections | None] = [None] * count
+        self.errors: list[str | None] = [None] * count
+        self.kinds: list[str | None] = [None] * count
+        if "pixels" in batch.column_names:  # decode tasks' errors come with their pixels
+            self.errors = batch.column("error").to_pylist()
+            self.kinds = batch.column("error_kind").to_pylist()
+
+    def failed(self, index: int, reason: str, kind: str) -> None:
+        """Row index is an error row."""
+        self.errors[index], self.kinds[index] = reason, kind
+
+    def detected(self, index: int, image: np.ndarray, found: Detections | str) -> None:
+        """Row index holds what detection found in image (a string: why detection failed)."""
+        if isinstance(found, str):
+            self.failed(index, found, TRANSIENT)
+        else:
+            self.detections[index] = found
+            self.sizes[index] = (image.shape[1], image.shape[0])
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """Rows, faces, error rows and transient error rows, for the progress line."""
+        return (len(self.errors), int(sum(len(d) for d in self.detections if d is not None)),
+                sum(error is not None for error in self.errors),
+                sum(kind == TRANSIENT for kind in self.kinds))
+
+
 class FaceAnnotator:
     """Ray Data actor: builds the detector once, then annotates batches of images."""
 
@@ -269,72 +301,62 @@ class FaceAnnotator:
         self.state = state
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """One output row per image of the batch: its faces, or why not."""
         paths = batch.column("path").to_pylist()
-        urls = _urls(batch)
-        count = len(paths)
-        sizes: list = [None] * count
-        detections: list = [None] * count
-        errors: list = [None] * count
-        kinds: list = [None] * count
+        rows = _Rows(batch)
+        journal = _Journal(self.state, paths)
+        for group in self._groups(batch, rows, journal):
+            for (index, image), found in zip(group, self._detect([image for _, image in group])):
+                rows.detected(index, image, found)
+        journal.finish()
+        if self.state is not None:
+            self.state.add.remote(*rows.counts())
+        return annotation_table(paths, rows.sizes, rows.detections, rows.errors, rows.kinds)
+
+    def _groups(self, batch: pa.Table, rows: "_Rows", journal: "_Journal"):
+        """Images to detect in one call each, up to pixels_in_flight; failures to read go to rows."""
+        paths, urls = batch.column("path").to_pylist(), _urls(batch)
         decoded = "pixels" in batch.column_names
         if decoded:
-            # Decode tasks made the pixels (GPU clusters); their errors come with them.
-            errors = batch.column("error").to_pylist()
-            kinds = batch.column("error_kind").to_pylist()
+            # Decode tasks made the pixels (GPU clusters); their errors are already in rows.
             pixels = batch.column("pixels").to_pylist()
             shapes = list(zip(batch.column("height").to_pylist(), batch.column("width").to_pylist()))
-        journal = _Journal(self.state, paths)
         group: list[tuple[int, np.ndarray]] = []
         group_pixels = 0
-
-        def detect_group() -> None:
-            nonlocal group, group_pixels
-            if group:
-                for (index, image), found in zip(group, self._detect([image for _, image in group])):
-                    if isinstance(found, str):
-                        errors[index], kinds[index] = found, TRANSIENT
-                    else:
-                        detections[index] = found
-                        sizes[index] = (image.shape[1], image.shape[0])
-            group, group_pixels = [], 0
-
         for index, path in enumerate(paths):
-            if errors[index] is not None:
+            if rows.errors[index] is not None:
                 continue
             poison = journal.poisoned(path)
             if poison is not None:
-                errors[index], kinds[index] = poison, PERMANENT
+                rows.failed(index, poison, PERMANENT)
                 continue
             alone = journal.suspect(path)
             if alone:
                 # Split: an image that was in flight when a worker died is tried on its own.
-                detect_group()
+                if group:
+                    yield group
+                group, group_pixels = [], 0
                 journal.working_on([path])
             elif not group:
                 journal.working_on([p for i, p in enumerate(paths[index:], index)
-                                    if errors[i] is None and not journal.suspect(p)])
+                                    if rows.errors[i] is None and not journal.suspect(p)])
             try:
                 if decoded:
                     image = np.frombuffer(pixels[index], np.uint8).reshape(*shapes[index], 3)
                 else:
                     image = read_image(urls[index], self.storage_options, self.policy)
             except ReadFailure as failure:
-                errors[index], kinds[index] = failure.reason, failure.kind
+                rows.failed(index, failure.reason, failure.kind)
                 continue
             group.append((index, image))
             group_pixels += image.shape[0] * image.shape[1]
             if alone or group_pixels >= self.pixels_in_flight:
-                detect_group()
-        detect_group()
-        journal.finish()
-        table = annotation_table(paths, sizes, detections, errors, kinds)
-        if self.state is not None:
-            failed = sum(error is not None for error in errors)
-            self.state.add.remote(count, int(sum(len(d) for d in detections if d is not None)), failed,
-                                  sum(kind == TRANSIENT for kind in kinds))
-        return table
+                yield group
+                group, group_pixels = [], 0
+        if group:
+            yield group
 
-    def _detect(self, images: list[np.ndarray]) -> list:
+    def _detect(self, images: list[np.ndarray]) -> list[Detections | str]:
         """Detections per image, or an error string: one call, then one per image if it fails."""
         # On CPU the detector itself takes the images one at a time over the actor's threads.
         try:
@@ -437,16 +459,36 @@ def probe_reads(shards: list[ListingShard], storage_options: dict, policy: ReadP
 
 # -- the job ---------------------------------------------------------------------------------
 
+@dataclass
+class _Plan:
+    """What a run reads and what it found in OUTPUT, checked before OUTPUT is touched."""
+
+    weights: CascadeWeights
+    metadata: dict  # stored with every part (secrets redacted)
+    shards: list[ListingShard]
+    parts: list[str]  # committed parts of earlier runs
+
+
 def annotate(config: AnnotateConfig,
              on_rows: Callable[[AnnotateSummary], None] | None = None) -> AnnotateSummary:
     """Run the annotate job; on_rows is called with the progress counts as they change."""
-    import ray
-    from ray.data import DataContext
-
-    from .ray_env import init_ray
-
     started = time.perf_counter()
-    # Everything that can be wrong is checked before OUTPUT is touched: inputs, weights, cluster.
+    plan = _plan(config)
+    resources = _connect(config)
+    lease = Lease(config.output, config.storage_options, new_owner())
+    lease.acquire()
+    summary = AnnotateSummary()
+    try:
+        state = _start_run(config, plan)
+        _stream(config, plan, resources, state, lease.owner, summary, on_rows)
+    finally:
+        lease.release()
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _plan(config: AnnotateConfig) -> _Plan:
+    """Everything that can be wrong, checked before OUTPUT is touched: inputs, weights, OUTPUT."""
     weights = config.weights if isinstance(config.weights, CascadeWeights) \
         else load_weights(config.weights)
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
@@ -455,61 +497,78 @@ def annotate(config: AnnotateConfig,
     metadata = redact(metadata)
     shards = plan_shards(config.input, config.storage_options)
     parts = check_output(config, settings_of(metadata))
+    return _Plan(weights, metadata, shards, parts)
+
+
+def _connect(config: AnnotateConfig) -> dict:
+    """Join (or start) Ray and check it has what the run asks for; its resources."""
+    import ray
+
+    from .ray_env import init_ray
+
     init_ray(config.address)
     resources = ray.cluster_resources()
     if config.num_gpus > 0 and resources.get("GPU", 0) <= 0:
         raise ValueError(f"--num-gpus {config.num_gpus} asks for GPUs but the Ray cluster has none; "
                          "drop --num-gpus to run on CPUs, or connect to a GPU cluster with --address")
+    return resources
 
-    lease = Lease(config.output, config.storage_options, new_owner())
-    lease.acquire()
-    summary = AnnotateSummary()
+
+def _start_run(config: AnnotateConfig, plan: _Plan):
+    """With the lease held: clear or resume OUTPUT, start the run state actor, probe the reads."""
+    import ray
+
+    parts = plan.parts
+    if config.overwrite and parts:
+        fs, _ = filesystem(config.output, config.storage_options)
+        for path in parts:
+            fs.rm_file(path)
+        log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
+        parts = []
+    remove_stale_temporaries(config.output)
+    dedupe = any(shard.kind in ("text", "parquet") for shard in plan.shards)
+    state = ray.remote(RunState).options(max_concurrency=8, num_cpus=0).remote(dedupe)
+    state.plan.remote(len(plan.shards))
+    if parts:
+        index = ray.get(state.scan.remote(config.output, config.storage_options, parts,
+                                          config.retry_errors))
+        log.info("resuming: %d images already done in %s; %d error rows to redo",
+                 index["done"], public_path(config.output), index["redo"])
     try:
-        if config.overwrite and parts:
-            fs, _ = filesystem(config.output, config.storage_options)
-            for path in parts:
-                fs.rm_file(path)
-            log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
-            parts = []
-        remove_stale_temporaries(config.output)
-        dedupe = any(shard.kind in ("text", "parquet") for shard in shards)
-        state = ray.remote(RunState).options(max_concurrency=8, num_cpus=0).remote(dedupe)
-        state.plan.remote(len(shards))
-        if parts:
-            index = ray.get(state.scan.remote(config.output, config.storage_options, parts,
-                                              config.retry_errors))
-            log.info("resuming: %d images already done in %s; %d error rows to redo",
-                     index["done"], public_path(config.output), index["redo"])
-        try:
-            reason = ray.get(ray.remote(probe_reads).options(num_cpus=0, max_retries=0).remote(
-                shards, config.storage_options, config.read_policy))
-        except ray.exceptions.RayError:
-            reason = None  # the probe only looks for a common cause; the job finds any other
-        if reason is not None:
-            raise JobStopped(f"the first images of {public_path(config.input)} all fail to read the same way, "
-                             f"which is not the images' fault: {reason}. Nothing was marked done; "
-                             "fix access (credentials, bucket, endpoint) and run again")
-        saved_block_size = DataContext.get_current().target_max_block_size
-        dataset = _build_dataset(shards, config, weights, resources, state, metadata, lease.owner)
-        progress = ProgressLine(state, summary, config.show_progress, on_rows)
-        progress.start()
-        try:
-            for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for record in records.to_pylist():
-                    summary.files.append(record["file"])
-                    summary.images += record["rows"]
-                    summary.faces += record["faces"]
-                    summary.errors += record["errors"]
-                    summary.transient += record["transient"]
-        finally:
-            progress.stop()
-            DataContext.get_current().target_max_block_size = saved_block_size
-        counts = ray.get(state.snapshot.remote())
-        summary.listed, summary.skipped = counts["listed"], counts["skipped"]
+        reason = ray.get(ray.remote(probe_reads).options(num_cpus=0, max_retries=0).remote(
+            plan.shards, config.storage_options, config.read_policy))
+    except ray.exceptions.RayError:
+        reason = None  # the probe only looks for a common cause; the job finds any other
+    if reason is not None:
+        raise JobStopped(f"the first images of {public_path(config.input)} all fail to read the same way, "
+                         f"which is not the images' fault: {reason}. Nothing was marked done; "
+                         "fix access (credentials, bucket, endpoint) and run again")
+    return state
+
+
+def _stream(config: AnnotateConfig, plan: _Plan, resources: dict, state, owner: str,
+            summary: AnnotateSummary, on_rows) -> None:
+    """The pipeline, run: read -> [decode] -> detect -> write, commit records added to summary."""
+    import ray
+    from ray.data import DataContext
+
+    saved_block_size = DataContext.get_current().target_max_block_size
+    dataset = _build_dataset(plan.shards, config, plan.weights, resources, state, plan.metadata, owner)
+    progress = ProgressLine(state, summary, config.show_progress, on_rows)
+    progress.start()
+    try:
+        for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for record in records.to_pylist():
+                summary.files.append(record["file"])
+                summary.images += record["rows"]
+                summary.faces += record["faces"]
+                summary.errors += record["errors"]
+                summary.transient += record["transient"]
     finally:
-        lease.release()
-        summary.seconds = time.perf_counter() - started
-    return summary
+        progress.stop()
+        DataContext.get_current().target_max_block_size = saved_block_size
+    counts = ray.get(state.snapshot.remote())
+    summary.listed, summary.skipped = counts["listed"], counts["skipped"]
 
 
 def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: CascadeWeights,
