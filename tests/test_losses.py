@@ -119,3 +119,11 @@ def test_ohem_classification_loss_is_the_mean_over_the_hardest():
     ohem = classification_loss(logits, kinds, ohem_keep=0.7)
     assert torch.allclose(ohem, expected)
     assert ohem > classification_loss(logits, kinds)  # the easy 30% no longer dilute it
+
+
+def test_label_smoothing_is_off_by_default_and_softens_targets():
+    logits = torch.tensor([[-3.0, 3.0], [2.0, -2.0]])
+    kinds = torch.tensor([POSITIVE, NEGATIVE])
+    plain = classification_loss(logits, kinds)
+    assert torch.equal(plain, classification_loss(logits, kinds, label_smoothing=0.0))
+    assert classification_loss(logits, kinds, label_smoothing=0.2) > plain  # confident and right costs more

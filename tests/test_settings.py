@@ -66,3 +66,62 @@ def test_a_new_setting_is_one_field():
     add_config_arguments(parser, Example)
     assert "how fast (default 0.5)" in parser.format_help()
     assert config_from_args(Example, parser.parse_args(["--on", "--pair", "3,4"])) == Example(0.5, True, (3, 4))
+
+
+def _train_args(argv):
+    return build_parser("train").parse_args(["train", *argv])
+
+
+def test_train_flags_default_to_train_config(tmp_path):
+    from jobs.training.trainer import TrainConfig
+
+    args = _train_args(["--stage", "rnet", "--data", "d", "--output", "o", "--flip", "--workers", "1",
+                        "--batch-size", "64"])
+    config = config_from_args(TrainConfig, args)
+    assert config == TrainConfig(stage="rnet", data="d", output="o", flip=True, num_workers=1, batch_size=64)
+
+
+def test_train_recipe_yaml_sets_defaults_and_flags_override_every_stage(tmp_path, monkeypatch):
+    from jobs import train
+    from jobs.training import recipe
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("faces: wider\nnum_workers: 2\nstages:\n"
+                           "  pnet: {epochs: 14, learning_rate_decay: 0.85, negative_iou: 0.3}\n"
+                           "  rnet: {epochs: 12}\n")
+    seen = {}
+    def fake_run(config, output):
+        seen["run"] = (config, output)
+        return recipe.RecipeSummary("weights.safetensors", {}, 0.0)
+
+    monkeypatch.setattr(recipe, "run_recipe", fake_run)
+    monkeypatch.setattr(train, "init_ray", lambda *a, **k: None)
+    args = _train_args(["--config", str(recipe_file), "--output", str(tmp_path / "run")])
+    assert train.run(args) == 0
+    config, output = seen.pop("run")
+    assert output == str(tmp_path / "run") and config.num_workers == 2
+    assert config.stages["pnet"].epochs == 14 and config.stages["rnet"].epochs == 12
+    assert config.stages["pnet"].samples("pnet").negative_iou == 0.3
+    assert config.stages["rnet"].learning_rate_decay == 1.0  # TrainConfig's default: one schema
+    args = _train_args(["--config", str(recipe_file), "--output", "run", "--epochs", "1", "--workers", "1",
+                        "--limit", "4", "--no-augment"])
+    assert train.run(args) == 0
+    config, _ = seen.pop("run")
+    assert [s.epochs for s in config.stages.values()] == [1, 1]
+    assert config.stages["pnet"].learning_rate_decay == 0.85  # not given: the file's value stays
+    assert config.num_workers == 1 and config.limit == 4 and config.augment is False
+
+
+def test_a_training_setting_declared_once_reaches_flags_yaml_and_stages(tmp_path):
+    """label_smoothing is one TrainConfig field: the flag, the recipe key and the check come with it."""
+    from jobs.training.recipe import TRAIN_KEYS, load_recipe
+    from jobs.training.trainer import TrainConfig
+
+    args = _train_args(["--stage", "pnet", "--data", "d", "--output", "o", "--label-smoothing", "0.1"])
+    assert config_from_args(TrainConfig, args).label_smoothing == 0.1
+    assert "label_smoothing" in TRAIN_KEYS
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("faces: wider\nstages:\n  pnet: {label_smoothing: 0.05}\n")
+    assert load_recipe(recipe_file).stages["pnet"].training() == {"label_smoothing": 0.05}
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig(stage="pnet", data="d", output="o", label_smoothing=1.5)

@@ -58,14 +58,17 @@ def hardest_samples(per_sample_loss: torch.Tensor, keep_fraction: float) -> torc
 
 
 def classification_loss(face_logits: torch.Tensor, kinds: torch.Tensor,
-                        ohem_keep: float | None = None) -> torch.Tensor:
-    """Cross-entropy over positives and negatives only; with OHEM, over the hardest of them."""
+                        ohem_keep: float | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over positives and negatives only; with OHEM, over the hardest of them.
+
+    label_smoothing > 0 trains towards 1 - s/2 and s/2 instead of 1 and 0 (torch's rule).
+    """
     mask = (kinds == POSITIVE) | (kinds == NEGATIVE)
     if not mask.any():
         return face_logits.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) intact
     logits = _flat(face_logits)[mask]
     labels = (kinds[mask] == POSITIVE).long()
-    losses = F.cross_entropy(logits, labels, reduction="none")
+    losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
     if ohem_keep is not None:
         losses = losses[hardest_samples(losses.detach(), ohem_keep)]
     return losses.mean()
@@ -92,9 +95,9 @@ def landmark_loss(landmarks: torch.Tensor, targets: torch.Tensor, kinds: torch.T
 
 def multitask_loss(output: StageOutput, kinds: torch.Tensor, box_targets: torch.Tensor,
                    landmark_targets: torch.Tensor, weights: TaskWeights,
-                   ohem_keep: float | None = None) -> LossTerms:
+                   ohem_keep: float | None = None, label_smoothing: float = 0.0) -> LossTerms:
     """The stage's weighted loss for a batch of samples of mixed kinds."""
-    classification = classification_loss(output.face_logits, kinds, ohem_keep)
+    classification = classification_loss(output.face_logits, kinds, ohem_keep, label_smoothing)
     box = box_loss(output.box_offsets, box_targets, kinds)
     if output.landmarks is not None:
         landmarks = landmark_loss(output.landmarks, landmark_targets, kinds)

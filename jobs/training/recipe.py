@@ -9,32 +9,61 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from mtcnn.nets import STAGE_NAMES
 
 from mtcnn.annotations import split_format
+from mtcnn.pyramid import PYRAMIDS
 
 from ..redaction import redact, redact_text
+from ..settings import build, merge, read_yaml
 from ..storage import is_url
+from .samples import SampleConfig
 from .schema import SUMMARY_FILE, stage_folder
 from .trainer import WEIGHTS_FILE, TrainConfig, TrainSummary, train_stage
 
 
-@dataclass
-class StageRecipe:
-    """Samples and training schedule of one stage."""
+#: Per-stage keys a recipe may set: the training and sample settings that differ by stage.
+#: The rest of TrainConfig is set once for the recipe (RecipeConfig) or by the recipe itself.
+_RECIPE_LEVEL = {"stage", "data", "output", "run_name", "previous_weights", "inject_failure_at_epoch",
+                 "ohem", "num_workers", "use_gpu", "cpus_per_worker", "storage_path", "storage_options", "seed"}
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _RECIPE_LEVEL)
+SAMPLE_KEYS = tuple(f.name for f in dataclasses.fields(SampleConfig) if f.name != "stage")
 
-    samples_per_image: int = 100  # negatives + positives + parts per face image
-    mix: tuple[float, float, float, float] = (3.0, 1.0, 1.0, 2.0)  # neg : pos : part : landmark
-    negative_iou: float = 0.3
-    epochs: int = 10
-    batch_size: int = 384
-    learning_rate: float = 1e-3
-    learning_rate_decay: float = 0.9
-    weight_decay: float = 0.0  # L2 penalty on the weights (Adam's weight_decay)
-    flip: bool = False  # random mirror images of the crops in every batch
-    color_jitter: float = 0.0  # random brightness, contrast and saturation, up to 1 +- this
+
+class StageSettings(dict):
+    """One stage's settings: overrides of TrainConfig and SampleConfig fields, by field name.
+
+    Not a schema of its own: the keys are those classes' fields, and an unset key reads as their
+    default (`settings.epochs`).
+    """
+
+    def __getattr__(self, name: str):
+        if name in self:
+            return self[name]
+        for cls in (TrainConfig, SampleConfig):
+            for f in dataclasses.fields(cls):
+                if f.name == name:
+                    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        raise AttributeError(name)
+
+    @staticmethod
+    def checked(values, where: str) -> "StageSettings":
+        """The settings of a recipe's stage entry, naming keys that are no such setting."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(TRAIN_KEYS) - set(SAMPLE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; expected some of "
+                             f"{sorted(TRAIN_KEYS + SAMPLE_KEYS)}")
+        return StageSettings(values)
+
+    def samples(self, stage: str) -> SampleConfig:
+        """The stage's SampleConfig."""
+        return SampleConfig(stage=stage, **{k: v for k, v in self.items() if k in SAMPLE_KEYS})
+
+    def training(self) -> dict:
+        """The stage's TrainConfig overrides."""
+        return {k: v for k, v in self.items() if k in TRAIN_KEYS}
 
 
 @dataclass
@@ -43,18 +72,22 @@ class RecipeConfig:
 
     #: Face annotations: one source or a list (WIDER gt file or folder, WebFaces, dlib XML, FDDB,
     #: annotation table; FORMAT:PATH where the name does not tell), as `mtcnn-jobs prepare --faces`.
-    faces: str | list[str]
-    landmarks: str | None = None  # 5-point list (cnn_facepoint format)
-    limit: int | None = None  # first N images of each list (quick runs)
-    augment: bool = True
-    stages: dict[str, StageRecipe] = field(default_factory=lambda: {s: StageRecipe() for s in STAGE_NAMES})
+    faces: str | list[str] = field(metadata={"help": "recipe: face annotation sources, as prepare --faces"})
+    landmarks: str | None = field(default=None, metadata={"help": "recipe: 5-point list (cnn_facepoint format)"})
+    limit: int | None = field(default=None, metadata={"help": "recipe: first N images of each list (quick runs)"})
+    augment: bool = field(default=True, metadata={"help": "recipe: augment the images samples are cut from"})
+    #: Per stage, overrides of the TrainConfig and SampleConfig defaults (TRAIN_KEYS, SAMPLE_KEYS).
+    stages: dict[str, StageSettings] = field(default_factory=lambda: {s: StageSettings() for s in STAGE_NAMES})
     num_workers: int = 2
     cpus_per_worker: float | None = None  # None: up to 1, leaving Ray Data a CPU
     use_gpu: bool = False
     ohem: bool = False
-    prepare_concurrency: int | None = None  # sample-making actors; None: one per CPU
-    mining_min_face_size: float = 20.0  # smallest face the mining cascade looks for
-    mining_pyramid: str = "dynamic"
+    prepare_concurrency: int | None = field(default=None, metadata={
+        "help": "recipe: sample-making actors (None: one per CPU)"})
+    mining_min_face_size: float = field(default=20.0, metadata={
+        "help": "recipe: smallest face the mining cascade looks for"})
+    mining_pyramid: str = field(default="dynamic", metadata={"help": "recipe: pyramid of the mining cascade",
+                                                            "choices": PYRAMIDS})
     storage_path: str | None = None  # checkpoints; None: under each stage's run folder
     storage_options: dict = field(default_factory=dict)
     seed: int = 0
@@ -68,42 +101,33 @@ class RecipeConfig:
             raise ValueError("the recipe starts with pnet: every later stage is mined with it")
 
 
-def _build(cls, values: dict, where: str):
-    """A dataclass from a mapping, naming unknown keys instead of failing on them obscurely."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
-    return cls(**values)
+def load_recipe(path: str | Path, overrides: dict | None = None) -> RecipeConfig:
+    """Read a recipe YAML file; relative data paths are taken from the file's folder.
 
-
-def load_recipe(path: str | Path) -> RecipeConfig:
-    """Read a recipe YAML file; relative data paths are taken from the file's folder."""
+    overrides (e.g. from the command line) are laid over the file's values: RecipeConfig keys,
+    and "stage_overrides", settings applied to every stage.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe config {path} not found")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from None
-    values = dict(values)
+    values = merge(read_yaml(path), dict(overrides or {}))
+    every_stage = values.pop("stage_overrides", {})
     stages = values.pop("stages", None)
+    if stages is None and every_stage:
+        stages = {name: {} for name in STAGE_NAMES}
     if stages is not None:
         if not isinstance(stages, dict):
             raise ValueError(f"{path}: stages must map stage names to settings")
-        values["stages"] = {name: _build(StageRecipe, settings or {}, f"{path}: stages.{name}")
+        values["stages"] = {name: StageSettings.checked({**(settings or {}), **every_stage},
+                                                        f"{path}: stages.{name}")
                             for name, settings in stages.items()}
-        for settings in values["stages"].values():
-            settings.mix = tuple(settings.mix)
     if isinstance(values.get("faces"), list):
         values["faces"] = [_resolve_from(path.parent, source) for source in values["faces"]]
     elif values.get("faces"):
         values["faces"] = _resolve_from(path.parent, values["faces"])
     if values.get("landmarks"):
         values["landmarks"] = _resolve_from(path.parent, values["landmarks"])
-    return _build(RecipeConfig, values, str(path))
+    return build(RecipeConfig, values, str(path))
 
 
 def _resolve_from(folder: Path, source: str) -> str:
@@ -130,7 +154,6 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str 
 
     from .augment import AugmentConfig
     from .prepare_stage import MINING_DETECTOR, PrepareConfig, prepare_stage
-    from .samples import SampleConfig
 
     folder = Path(stage_folder(str(samples_root), stage))
     summary_file = folder / SUMMARY_FILE
@@ -138,11 +161,8 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str 
         record = json.loads(summary_file.read_text())
         print(f"[recipe] {stage}: reusing samples in {folder} ({record['counts']})", flush=True)
         return {"counts": record["counts"], "prepare_seconds": record["seconds"], "reused": True}
-    settings = config.stages[stage]
     prepare = PrepareConfig(
-        output=str(samples_root),
-        samples=SampleConfig(stage=stage, samples_per_image=settings.samples_per_image,
-                             mix=settings.mix, negative_iou=settings.negative_iou),
+        output=str(samples_root), samples=config.stages[stage].samples(stage),
         faces=config.faces, landmarks=config.landmarks, weights=weights,
         mining=DetectorConfig(min_face_size=config.mining_min_face_size,
                               thresholds=MINING_DETECTOR.thresholds, pyramid=config.mining_pyramid),
@@ -166,10 +186,7 @@ def _train(config: RecipeConfig, stage: str, samples_root: Path, run_folder: Pat
     # Same run name and storage path as an interrupted attempt: Ray Train resumes its checkpoint.
     return train_stage(TrainConfig(
         stage=stage, data=stage_folder(str(samples_root), stage), output=str(run_folder),
-        epochs=settings.epochs, batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, learning_rate_decay=settings.learning_rate_decay,
-        weight_decay=settings.weight_decay, flip=settings.flip,
-        color_jitter=settings.color_jitter, ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
+        **settings.training(), ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
         cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path,
         run_name=f"recipe-{stage}", previous_weights=previous,
         storage_options=config.storage_options, seed=config.seed))

@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +22,14 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mtcnn.nets import build_stage, normalize_pixels, stage_spec
+from mtcnn.nets import STAGE_NAMES, build_stage, normalize_pixels, stage_spec
 from mtcnn.weights import load_weights, save_weights
 
 from ..ray_env import init_ray
 from ..redaction import redact, redact_text
 from ..storage import filesystem, is_remote
 from .batch_augment import BatchAugmentConfig, augment_batch
-from .losses import STAGE_TASK_WEIGHTS, multitask_loss
+from .losses import STAGE_TASK_WEIGHTS, LossTerms, multitask_loss
 
 #: Columns of the sample schema (jobs/training/schema.py) that training reads.
 SAMPLE_COLUMNS = ("image", "size", "kind", "box", "landmarks")
@@ -41,36 +41,46 @@ _STATE_FILE = "train_state.pt"
 class TrainConfig:
     """One stage's training run."""
 
-    stage: str  # "pnet", "rnet" or "onet"
-    data: str  # folder or URL of the stage's Parquet sample shards
-    output: str  # run folder: weights.safetensors (and checkpoints unless storage_path is set)
-    epochs: int = 10
-    batch_size: int = 384  # samples per optimiser step, across all workers
-    learning_rate: float = 1e-3
-    learning_rate_decay: float = 1.0  # multiplies the learning rate after every epoch
-    weight_decay: float = 0.0
-    ohem: bool = False  # keep only the hardest 70% of classification samples per batch
-    ohem_keep: float = 0.7
-    #: Random mirror images of the crops (targets mirrored with them), drawn every time a crop is seen.
-    flip: bool = False
-    #: Random brightness, contrast and saturation, each scaled by up to 1 +- this; 0 is off.
-    color_jitter: float = 0.0
-    num_workers: int = 2
-    use_gpu: bool = False
-    #: None: up to one each, leaving the cluster a CPU to read and decode shards with.
-    cpus_per_worker: float | None = None
-    #: Where Ray Train keeps per-epoch checkpoints (local folder or s3://...); default <output>/checkpoints.
-    storage_path: str | None = None
-    run_name: str | None = None  # reusing a run name and storage path resumes that run
-    max_failures: int = 2  # worker-group restarts (from the last checkpoint) before giving up
-    #: Earlier stages to ship in the output file: "reference", a weights file or a run folder.
-    previous_weights: str | None = None
-    storage_options: dict = field(default_factory=dict)
-    shuffle_buffer: int = 20_000  # samples mixed in each worker's local shuffle buffer
-    seed: int = 0
-    log_every: int = 50  # batches between progress lines within an epoch
+    stage: str = field(metadata={"help": "the stage to train", "choices": STAGE_NAMES})
+    data: str = field(metadata={"help": "the stage's Parquet sample shards (folder or URL), e.g. PREPARE_OUTPUT/pnet"})
+    #: weights.safetensors goes there (and checkpoints unless storage_path is set).
+    output: str = field(metadata={"help": "run folder (or URL for one stage): weights.safetensors is written there"})
+    epochs: int = field(default=10, metadata={"help": "passes over the samples"})
+    batch_size: int = field(default=384, metadata={"help": "samples per optimiser step, across all workers"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam's learning rate in the first epoch"})
+    learning_rate_decay: float = field(default=1.0, metadata={
+        "help": "factor applied to the learning rate after each epoch (1: constant)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "L2 penalty on the weights (Adam's weight_decay)"})
+    ohem: bool = field(default=False, metadata={
+        "help": "back-propagate only the hardest ohem_keep of face/non-face samples per batch"})
+    ohem_keep: float = field(default=0.7, metadata={"help": "share of classification samples OHEM keeps"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "face / non-face targets smoothed by this much (torch's cross-entropy rule; 0: off)"})
+    #: Drawn every time a crop is seen.
+    flip: bool = field(default=False, metadata={
+        "help": "mirror crops (and their targets) at random in every batch"})
+    color_jitter: float = field(default=0.0, metadata={
+        "help": "scale brightness, contrast and saturation of each crop by up to 1 +- this, at random (0: off)"})
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers", "flag": "--workers"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker", "flag": "--gpu"})
+    #: None leaves the cluster a CPU to read and decode shards with.
+    cpus_per_worker: float | None = field(default=None, metadata={
+        "help": "CPUs per worker (default: up to 1, leaving one for reading shards)"})
+    storage_path: str | None = field(default=None, metadata={
+        "help": "where Ray Train keeps per-epoch checkpoints (folder or s3://...); default OUTPUT/checkpoints"})
+    run_name: str | None = field(default=None, metadata={
+        "help": "Ray Train run name; reusing it (and storage_path) resumes a stopped run"})
+    max_failures: int = field(default=2, metadata={
+        "help": "worker-group restarts from the last checkpoint before giving up"})
+    previous_weights: str | None = field(default=None, metadata={
+        "help": "earlier stages to ship with this one ('reference', a weights file or a run folder); "
+                "the detector needs all three stages"})
+    storage_options: dict = field(default_factory=dict, metadata={"help": "fsspec options for URLs, as JSON"})
+    shuffle_buffer: int = field(default=20_000, metadata={"help": "samples mixed in each worker's local shuffle buffer"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights, shuffles and batch transforms"})
+    log_every: int = field(default=50, metadata={"help": "batches between progress lines within an epoch"})
     #: Testing aid: the first worker raises once when this epoch starts (recovery checks).
-    inject_failure_at_epoch: int | None = None
+    inject_failure_at_epoch: int | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)  # an unknown stage fails here
@@ -84,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if not 0.0 < self.ohem_keep <= 1.0:
             raise ValueError(f"ohem_keep must be in (0, 1], got {self.ohem_keep!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         BatchAugmentConfig(flip=self.flip, color_jitter=self.color_jitter)  # checks color_jitter
 
     @property
@@ -191,12 +203,62 @@ def _maybe_inject_failure(config: TrainConfig, epoch: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch} (inject_failure_at_epoch)")
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum per-worker totals across the worker group."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+@dataclass
+class EpochTotals:
+    """Per-task sums of loss x samples over an epoch on one worker, for means across all workers."""
+
+    loss: float = 0.0
+    samples: float = 0.0
+    classification: float = 0.0
+    classified: float = 0.0
+    box: float = 0.0
+    boxed: float = 0.0
+    landmarks: float = 0.0
+    landmarked: float = 0.0
+    correct: float = 0.0
+
+    def add(self, terms: LossTerms, count: int) -> None:
+        """Count one batch of count samples."""
+        self.loss += terms.total.item() * count
+        self.samples += count
+        self.classification += terms.classification.item() * terms.classified
+        self.classified += terms.classified
+        self.box += terms.box.item() * terms.boxed
+        self.boxed += terms.boxed
+        self.landmarks += terms.landmarks.item() * terms.landmarked
+        self.landmarked += terms.landmarked
+        self.correct += terms.correct
+
+    def summed(self, device: torch.device) -> "EpochTotals":
+        """These totals summed over the worker group."""
+        tensor = torch.tensor(astuple(self), dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(tensor)
+        return EpochTotals(*tensor.tolist())
+
+    def means(self) -> dict:
+        """The epoch's metrics: mean losses per task, accuracy, samples."""
+        return {
+            "loss": self.loss / max(self.samples, 1),
+            "classification_loss": self.classification / max(self.classified, 1),
+            "box_loss": self.box / max(self.boxed, 1),
+            "landmark_loss": self.landmarks / max(self.landmarked, 1),
+            "accuracy": self.correct / max(self.classified, 1),
+            "samples": int(self.samples),
+        }
+
+
+@dataclass(frozen=True)
+class EpochSeeds:
+    """The random streams of one worker's epoch, fixed by run seed, epoch and rank: resumes draw the same."""
+
+    augment: int  # flips and colour jitter of the batches
+    shuffle: int  # the local shuffle buffer's order
+
+    @staticmethod
+    def of(seed: int, epoch: int, rank: int) -> "EpochSeeds":
+        """The seeds of (seed, epoch, rank); distinct for every worker and epoch."""
+        return EpochSeeds(augment=seed * 7919 + epoch * 101 + rank, shuffle=seed * 1000 + epoch * 10 + rank)
 
 
 def _progress(line: str) -> None:
@@ -260,46 +322,31 @@ def _train_loop(loop_config: dict) -> None:
             group["lr"] = learning_rate
         model.train()
         started = time.perf_counter()
-        # [loss, n, face loss, n face, box loss, n box, landmark loss, n landmark, correct]:
-        # per-task sums of loss x samples on this worker, for epoch means across all workers.
-        totals = np.zeros(9)
-        generator.manual_seed(config.seed * 7919 + epoch * 101 + rank)  # resumes draw the same
+        totals = EpochTotals()
+        seeds = EpochSeeds.of(config.seed, epoch, rank)
+        generator.manual_seed(seeds.augment)  # resumes draw the same
         for step, batch in enumerate(shard.iter_torch_batches(
                 batch_size=worker_batch, local_shuffle_buffer_size=config.shuffle_buffer,
-                local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank, device=device)):
+                local_shuffle_seed=seeds.shuffle, device=device)):
             pixels, kinds = batch["pixels"].permute(0, 3, 1, 2).float(), batch["kind"]
             boxes, landmarks = batch["box"], batch["landmarks"]
             if batch_augment.active:
                 pixels, boxes, landmarks = augment_batch(pixels, kinds, boxes, landmarks,
                                                          batch_augment, generator)
             terms = multitask_loss(model(normalize_pixels(pixels)), kinds, boxes, landmarks,
-                                   weights, ohem_keep)
+                                   weights, ohem_keep, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()
-            totals += [terms.total.item() * len(kinds), len(kinds),
-                       terms.classification.item() * terms.classified, terms.classified,
-                       terms.box.item() * terms.boxed, terms.boxed,
-                       terms.landmarks.item() * terms.landmarked, terms.landmarked, terms.correct]
+            totals.add(terms, len(kinds))
             if rank == 0 and config.log_every and (step + 1) % config.log_every == 0:
                 _progress(f"[{config.stage}] epoch {epoch + 1}/{config.epochs} "
                           f"batch {step + 1}/{batches_per_epoch} loss {terms.total.item():.4f}")
         seconds = time.perf_counter() - started
-        summed = _all_sum([*totals.tolist(), seconds], device)
-        loss, n, cls, n_cls, box, n_box, lmk, n_lmk, n_correct, _ = summed
-        metrics = {
-            "epoch": epoch,
-            "loss": loss / max(n, 1),
-            "classification_loss": cls / max(n_cls, 1),
-            "box_loss": box / max(n_box, 1),
-            "landmark_loss": lmk / max(n_lmk, 1),
-            "accuracy": n_correct / max(n_cls, 1),
-            "samples": int(n),
-            "epoch_seconds": seconds,
-            "samples_per_second": n / max(seconds, 1e-9),
-            "learning_rate": learning_rate,
-            "resumed_from_epoch": resumed_from,
-        }
+        everyone = totals.summed(device)
+        metrics = {"epoch": epoch, **everyone.means(), "epoch_seconds": seconds,
+                   "samples_per_second": everyone.samples / max(seconds, 1e-9),
+                   "learning_rate": learning_rate, "resumed_from_epoch": resumed_from}
         history = history + [metrics]
         with tempfile.TemporaryDirectory() as folder:
             saved = None
