@@ -22,20 +22,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.detector_args import add_detector_arguments, detector_config
-from mtcnn import DetectorConfig, FaceDetector, load_weights
+from mtcnn import DetectorConfig, FaceDetector
 from mtcnn.weights import CascadeWeights
 
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .parts import (Lease, OutputError, commit_file, committed_parts, new_owner, parquet_bytes,
                     part_name, remove_stale_temporaries)
 from .progress import ProgressLine
-from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_bytes, read_image
+from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_image
 from .run_state import MAX_STRIKES, RunState, path_digests
 from .schema import (ANNOTATION_SCHEMA, annotation_table, read_metadata, run_metadata, settings_of,
                      with_metadata)
-from .sources import CHUNK_PATHS, InputError, ListingShard, plan_shards
+from .sources import CHUNK_PATHS, InputError, ListingShard, plan_shards, probe_listing
 from .redaction import public_path, redact, redact_text
 from .storage import filesystem, is_remote, join, parse_storage_options
+from .stored_weights import load_weights_from
 
 log = logging.getLogger(__name__)
 
@@ -405,36 +406,6 @@ def check_output(config: AnnotateConfig, settings: dict) -> list[str]:
     return parts
 
 
-def probe_reads(shards: list[ListingShard], storage_options: dict, policy: ReadPolicy,
-                count: int = 8) -> str | None:
-    """The one reason why the first images of the listing all fail not by their own fault, or None."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    first: list[str] = []
-    for shard in shards:
-        for chunk in shard.chunks(storage_options, count):
-            first += chunk[:count - len(first)]
-            break
-        if len(first) >= count:
-            break
-    if not first:
-        return None
-
-    def outcome(path: str):
-        try:
-            read_bytes(path, storage_options, policy)
-            return None
-        except ReadFailure as failure:
-            return failure
-
-    with ThreadPoolExecutor(len(first)) as pool:
-        failures = list(pool.map(outcome, first))
-    if all(f is not None and f.kind == TRANSIENT for f in failures) and \
-            len({f.reason for f in failures}) == 1:
-        return failures[0].reason
-    return None
-
-
 # -- the job ---------------------------------------------------------------------------------
 
 def annotate(config: AnnotateConfig,
@@ -447,8 +418,7 @@ def annotate(config: AnnotateConfig,
 
     started = time.perf_counter()
     # Everything that can be wrong is checked before OUTPUT is touched: inputs, weights, cluster.
-    weights = config.weights if isinstance(config.weights, CascadeWeights) \
-        else load_weights(config.weights)
+    weights = load_weights_from(config.weights, config.storage_options)
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
                             weights.provenance, config.detector, config.max_pixels, config.max_bytes)
     metadata["device"] = "cuda" if config.num_gpus > 0 else "cpu"
@@ -471,6 +441,10 @@ def annotate(config: AnnotateConfig,
                 fs.rm_file(path)
             log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
             parts = []
+        # The probe runs on a worker (a cluster's workers may lack the driver's credentials) while
+        # the driver sets up the run state; its module is light, so it starts in well under a second.
+        probe = ray.remote(probe_listing).options(num_cpus=0, max_retries=0).remote(
+            shards, config.storage_options, config.read_policy)
         remove_stale_temporaries(config.output)
         dedupe = any(shard.kind in ("text", "parquet") for shard in shards)
         state = ray.remote(RunState).options(max_concurrency=8, num_cpus=0).remote(dedupe)
@@ -481,14 +455,11 @@ def annotate(config: AnnotateConfig,
             log.info("resuming: %d images already done in %s; %d error rows to redo",
                      index["done"], public_path(config.output), index["redo"])
         try:
-            reason = ray.get(ray.remote(probe_reads).options(num_cpus=0, max_retries=0).remote(
-                shards, config.storage_options, config.read_policy))
+            reason = ray.get(probe)
         except ray.exceptions.RayError:
             reason = None  # the probe only looks for a common cause; the job finds any other
         if reason is not None:
-            raise JobStopped(f"the first images of {public_path(config.input)} all fail to read the same way, "
-                             f"which is not the images' fault: {reason}. Nothing was marked done; "
-                             "fix access (credentials, bucket, endpoint) and run again")
+            raise JobStopped(f"{public_path(config.input)}: {reason}. Nothing was marked done")
         saved_block_size = DataContext.get_current().target_max_block_size
         dataset = _build_dataset(shards, config, weights, resources, state, metadata, lease.owner)
         progress = ProgressLine(state, summary, config.show_progress, on_rows)

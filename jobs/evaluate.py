@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from jobs.detector_args import add_detector_arguments, detector_config
-from mtcnn import Detections, DetectorConfig, FaceDetector, load_weights
+from mtcnn import Detections, DetectorConfig, FaceDetector
 from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
                               load_wider_ground_truth, save_pr_curves)
@@ -25,6 +25,7 @@ from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_la
 from .annotation_files import AnnotationsError, flatten_faces, iter_batches, run_metadata_of
 from .redaction import public_path, redact, redact_text
 from .storage import filesystem, parse_storage_options
+from .stored_weights import load_weights_from
 
 
 class ImageReadError(ValueError):
@@ -286,7 +287,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         else:
             metrics["weights"], metrics["detector"] = {"source": "unknown", "sha256": ""}, None
     else:
-        weights = load_weights(config.weights)
+        weights = load_weights_from(config.weights, config.storage_options)
         metrics = {
             "weights": {"source": str(weights.source or config.weights), "sha256": weights.sha256,
                         "provenance": redact(weights.provenance)},

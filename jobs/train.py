@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", help="Ray Train run name; reuse it to resume a stopped run")
     parser.add_argument("--max-failures", type=int, default=defaults.max_failures,
                         help="worker-group restarts from the last checkpoint (default %(default)s)")
+    parser.add_argument("--restart", action="store_true",
+                        help="when earlier checkpoints (or, with --config, samples and weights) of this "
+                             "output were made with other settings, discard them and start afresh; "
+                             "without it such a run is refused, naming the differences")
     parser.add_argument("--storage-options", help="fsspec options for URLs, as JSON")
     parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
@@ -60,7 +64,7 @@ def _run_recipe(args: argparse.Namespace) -> int:
 
     config = load_recipe(args.config)
     init_ray(args.address, num_cpus=args.num_cpus, dashboard=True)
-    summary = run_recipe(config, args.output)
+    summary = run_recipe(config, args.output, restart=args.restart)
     print(f"recipe finished in {summary.seconds / 60:.1f} min: {redact_text(summary.weights_path)}")
     for stage, record in summary.stages.items():
         metrics = record.get("final_metrics") or {}
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             flip=args.flip, color_jitter=args.color_jitter, ohem=args.ohem, num_workers=args.workers,
             use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path,
             run_name=args.run_name, max_failures=args.max_failures,
-            previous_weights=args.previous_weights,
+            previous_weights=args.previous_weights, restart=args.restart,
             storage_options=parse_storage_options(args.storage_options))
         init_ray(args.address, num_cpus=args.num_cpus, dashboard=True)
         summary = train_stage(config)

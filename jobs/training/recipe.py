@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +14,11 @@ import yaml
 from mtcnn.nets import STAGES
 
 from ..redaction import redact, redact_text
+from ..storage import filesystem, is_remote, join
+from ..stored_weights import WEIGHTS_FILE, load_weights_from
+from .fingerprint import SettingsChanged, differences, prepare_settings
 from .schema import SUMMARY_FILE, stage_folder
-from .trainer import WEIGHTS_FILE, TrainConfig, TrainSummary, train_stage
+from .trainer import TrainConfig, TrainSummary, run_settings, train_stage
 
 
 @dataclass
@@ -123,23 +126,17 @@ class RecipeSummary:
     seconds: float
 
 
-def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str | None) -> dict:
-    """Make (or reuse, when a finished earlier run left them) a stage's samples."""
+def _prepare(config: RecipeConfig, stage: str, samples_root: str, weights: str | None,
+             restart: bool) -> dict:
+    """Make a stage's samples, or reuse those an earlier run made with the same settings."""
     from mtcnn.detector import DetectorConfig
-
     from ..prepare import MINING_DETECTOR, PrepareConfig, prepare_stage
     from .augment import AugmentConfig
     from .samples import SampleConfig
 
-    folder = Path(stage_folder(str(samples_root), stage))
-    summary_file = folder / SUMMARY_FILE
-    if summary_file.is_file():
-        record = json.loads(summary_file.read_text())
-        print(f"[recipe] {stage}: reusing samples in {folder} ({record['counts']})", flush=True)
-        return {"counts": record["counts"], "prepare_seconds": record["seconds"], "reused": True}
     settings = config.stages[stage]
     prepare = PrepareConfig(
-        output=str(samples_root),
+        output=samples_root,
         samples=SampleConfig(stage=stage, samples_per_image=settings.samples_per_image,
                              mix=settings.mix, negative_iou=settings.negative_iou),
         faces=config.faces, landmarks=config.landmarks, weights=weights,
@@ -148,56 +145,99 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str 
         augment=AugmentConfig() if config.augment else None, seed=config.seed, limit=config.limit,
         concurrency=config.prepare_concurrency, overwrite=True,
         storage_options=config.storage_options)
+    folder = stage_folder(samples_root, stage)
+    fs, root = filesystem(folder, config.storage_options)
+    summary_file = join(root, SUMMARY_FILE)
+    if fs.exists(summary_file):
+        record = json.loads(fs.cat_file(summary_file))
+        wanted = prepare_settings(prepare, load_weights_from(weights, config.storage_options).sha256 if weights else None)
+        if record.get("settings") == wanted:
+            print(f"[recipe] {stage}: reusing samples in {redact_text(folder)} ({record['counts']})",
+                  flush=True)
+            return {"counts": record["counts"], "prepare_seconds": record["seconds"], "reused": True}
+        changed = "; ".join(differences(record.get("settings"), wanted))
+        if not restart:
+            raise SettingsChanged(
+                f"{stage}: the samples in {redact_text(folder)} were made with other settings "
+                f"({changed}); pass --restart to make them again (and retrain from there), "
+                "or choose another --output")
+        print(f"[recipe] {stage}: --restart: making samples again ({changed})", flush=True)
     print(f"[recipe] {stage}: preparing samples"
-          f"{f' mined with {weights}' if weights else ''}", flush=True)
+          f"{f' mined with {redact_text(weights)}' if weights else ''}", flush=True)
     summary = prepare_stage(prepare)
     for line in summary.lines():
         print(f"[recipe] {redact_text(line)}", flush=True)
     return {"counts": summary.counts, "prepare_seconds": round(summary.seconds, 1)}
 
 
-def _train(config: RecipeConfig, stage: str, samples_root: Path, run_folder: Path,
-           previous: str | None) -> TrainSummary | None:
+def _train(config: RecipeConfig, stage: str, samples_root: str, run_folder: str,
+           previous: str | None, restart: bool) -> TrainSummary | None:
+    """Train a stage, or reuse the weights an earlier run trained with the same settings."""
     settings = config.stages[stage]
-    if (run_folder / WEIGHTS_FILE).is_file():
-        print(f"[recipe] {stage}: reusing trained weights in {run_folder}", flush=True)
-        return None
-    # Same run name and storage path as an interrupted attempt: Ray Train resumes its checkpoint.
-    return train_stage(TrainConfig(
-        stage=stage, data=stage_folder(str(samples_root), stage), output=str(run_folder),
+    # Same run name and storage path as an interrupted attempt: Ray Train resumes its checkpoint
+    # (train_stage refuses one started with other settings, unless restart).
+    train = TrainConfig(
+        stage=stage, data=stage_folder(samples_root, stage), output=run_folder,
         epochs=settings.epochs, batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, learning_rate_decay=settings.learning_rate_decay,
         weight_decay=settings.weight_decay, flip=settings.flip,
         color_jitter=settings.color_jitter, ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
         cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path,
         run_name=f"recipe-{stage}", previous_weights=previous,
-        storage_options=config.storage_options, seed=config.seed))
+        storage_options=config.storage_options, seed=config.seed, restart=restart)
+    weights_file = join(run_folder, WEIGHTS_FILE)
+    fs, path = filesystem(weights_file, config.storage_options)
+    if fs.exists(path):
+        earlier = load_weights_from(weights_file, config.storage_options).provenance.get("settings")
+        wanted = run_settings(train)
+        if earlier == wanted:
+            print(f"[recipe] {stage}: reusing trained weights in {redact_text(run_folder)}", flush=True)
+            return None
+        changed = "; ".join(differences(earlier, wanted))
+        if not restart:
+            raise SettingsChanged(
+                f"{stage}: the weights in {redact_text(run_folder)} were trained with other settings "
+                f"({changed}); pass --restart to train again, or choose another --output")
+        print(f"[recipe] {stage}: --restart: training again ({changed})", flush=True)
+    return train_stage(train)
 
 
-def run_recipe(config: RecipeConfig, output: str | Path) -> RecipeSummary:
-    """Prepare and train every configured stage in turn; the final weights land in output/."""
+def run_recipe(config: RecipeConfig, output: str, restart: bool = False) -> RecipeSummary:
+    """Prepare and train every configured stage in turn; the final weights land in output/.
+
+    Output may be a local folder or an object-store URL. A stage's samples and weights from an
+    earlier run are reused only when the settings that made them are the same; otherwise the run
+    is refused naming the differences, or, with restart, made again from that stage on.
+    """
     started = time.perf_counter()
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    samples_root = output / "samples"
+    output = str(output).rstrip("/")
+    fs, root = filesystem(output, config.storage_options)
+    if not is_remote(output):
+        output = os.path.abspath(output)
+        fs.makedirs(output, exist_ok=True)
+    samples_root = join(output, "samples")
     previous: str | None = None
     report: dict[str, dict] = {}
     for stage in config.stages:
         stage_started = time.perf_counter()
-        report[stage] = _prepare(config, stage, samples_root, previous)
-        run_folder = output / stage
-        trained = _train(config, stage, samples_root, run_folder, previous)
+        report[stage] = _prepare(config, stage, samples_root, previous, restart)
+        run_folder = join(output, stage)
+        trained = _train(config, stage, samples_root, run_folder, previous, restart)
         if trained is not None:
             report[stage].update(train_seconds=round(trained.seconds, 1), samples=trained.samples,
                                  final_metrics=trained.metrics)
         report[stage]["stage_seconds"] = round(time.perf_counter() - stage_started, 1)
-        previous = str(run_folder)  # its weights file holds this stage and all earlier ones
+        previous = run_folder  # its weights file holds this stage and all earlier ones
         print(f"[recipe] {stage} finished after {time.perf_counter() - started:.0f} s in all",
               flush=True)
-    final = output / WEIGHTS_FILE
-    shutil.copyfile(Path(previous) / WEIGHTS_FILE, final)  # `load_weights(output)` finds it
+    # `load_weights(output)` finds the final cascade there.
+    final = join(output, WEIGHTS_FILE)
+    fs, _ = filesystem(final, config.storage_options)
+    fs.copy(filesystem(join(previous, WEIGHTS_FILE), config.storage_options)[1],
+            filesystem(final, config.storage_options)[1])
     seconds = time.perf_counter() - started
     record = {"config": redact(dataclasses.asdict(config)), "stages": report,
-              "seconds": round(seconds, 1), "weights": str(final)}
-    (output / "recipe.json").write_text(json.dumps(record, indent=2, default=str))
-    return RecipeSummary(str(final), report, seconds)
+              "seconds": round(seconds, 1), "weights": redact_text(final)}
+    fs.pipe_file(filesystem(join(output, "recipe.json"), config.storage_options)[1],
+                 json.dumps(record, indent=2, default=str).encode())
+    return RecipeSummary(final, report, seconds)
