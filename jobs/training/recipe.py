@@ -44,6 +44,9 @@ class RecipeConfig:
     #: Face annotations: one source or a list (WIDER gt file or folder, WebFaces, dlib XML, FDDB,
     #: annotation table; FORMAT:PATH where the name does not tell), as `mtcnn-jobs prepare --faces`.
     faces: str | list[str]
+    #: Image root of the face annotations (one source only), e.g. s3://bucket/WIDER_train/images;
+    #: default: the format's own place (a WIDER folder's images/).
+    face_images: str | None = None
     landmarks: str | None = None  # 5-point list (cnn_facepoint format)
     limit: int | None = None  # first N images of each list (quick runs)
     augment: bool = True
@@ -101,8 +104,9 @@ def load_recipe(path: str | Path) -> RecipeConfig:
         values["faces"] = [_resolve_from(path.parent, source) for source in values["faces"]]
     elif values.get("faces"):
         values["faces"] = _resolve_from(path.parent, values["faces"])
-    if values.get("landmarks"):
-        values["landmarks"] = _resolve_from(path.parent, values["landmarks"])
+    for key in ("landmarks", "face_images"):
+        if values.get(key):
+            values[key] = _resolve_from(path.parent, values[key])
     return _build(RecipeConfig, values, str(path))
 
 
@@ -139,7 +143,7 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: str, weights: str |
         output=samples_root,
         samples=SampleConfig(stage=stage, samples_per_image=settings.samples_per_image,
                              mix=settings.mix, negative_iou=settings.negative_iou),
-        faces=config.faces, landmarks=config.landmarks, weights=weights,
+        faces=config.faces, face_images=config.face_images, landmarks=config.landmarks, weights=weights,
         mining=DetectorConfig(min_face_size=config.mining_min_face_size,
                               thresholds=MINING_DETECTOR.thresholds, pyramid=config.mining_pyramid),
         augment=AugmentConfig() if config.augment else None, seed=config.seed, limit=config.limit,
