@@ -33,7 +33,7 @@ from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, 
 from .run_state import MAX_STRIKES, RunState, path_digests
 from .schema import (ANNOTATION_SCHEMA, annotation_table, read_metadata, run_metadata, settings_of,
                      with_metadata)
-from .sources import CHUNK_PATHS, InputError, ListingShard, plan_shards, probe_listing
+from .sources import CHUNK_PATHS, InputError, ListingShard, plan_shards
 from .redaction import public_path, redact, redact_text
 from .storage import filesystem, is_remote, join, parse_storage_options
 from .stored_weights import load_weights_from
@@ -441,13 +441,12 @@ def annotate(config: AnnotateConfig,
                 fs.rm_file(path)
             log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
             parts = []
-        # The probe runs on a worker (a cluster's workers may lack the driver's credentials) while
-        # the driver sets up the run state; its module is light, so it starts in well under a second.
-        probe = ray.remote(probe_listing).options(num_cpus=0, max_retries=0).remote(
-            shards, config.storage_options, config.read_policy)
-        remove_stale_temporaries(config.output)
         dedupe = any(shard.kind in ("text", "parquet") for shard in shards)
         state = ray.remote(RunState).options(max_concurrency=8, num_cpus=0).remote(dedupe)
+        # The probe runs on a worker (a cluster's workers may lack the driver's credentials), the
+        # run-state actor's, while the driver goes on setting up the run.
+        probe = state.probe.remote(shards, config.storage_options, config.read_policy)
+        remove_stale_temporaries(config.output)
         state.plan.remote(len(shards))
         if parts:
             index = ray.get(state.scan.remote(config.output, config.storage_options, parts,
