@@ -42,26 +42,37 @@ def wider_records(gt_file: Path) -> list[list[str]]:
     return records
 
 
-def spread_subset(source: Path, size: int, folder: Path) -> Path:
-    """A WIDER folder of `size` images spread evenly over source's, linking its images."""
-    gt_file = next(source.glob("*_bbx_gt.txt"))
-    records = wider_records(gt_file)
+def spread_subset(sources: list[Path], size: int, folder: Path) -> list[Path]:
+    """WIDER folders of `size` images in all, spread evenly over the sources' images together.
+
+    One subset folder per source (each links its source's images/), so the recipe gets a list.
+    """
+    records = [(index, record) for index, source in enumerate(sources)
+               for record in wider_records(next(source.glob("*_bbx_gt.txt")))]
     if size > len(records):
-        raise SystemExit(f"--sizes {size}: {source} has only {len(records)} images")
+        raise SystemExit(f"--sizes {size}: the sources hold only {len(records)} images")
     step = len(records) / size
     chosen = [records[int(i * step)] for i in range(size)]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / gt_file.name).write_text("\n".join(line for record in chosen for line in record) + "\n")
-    images = folder / "images"
-    if not images.exists():
-        images.symlink_to((source / "images").resolve(), target_is_directory=True)
-    return folder
+    subsets = []
+    for index, source in enumerate(sources):
+        mine = [record for owner, record in chosen if owner == index]
+        if not mine:
+            continue
+        subset = folder / source.name
+        subset.mkdir(parents=True, exist_ok=True)
+        gt_name = next(source.glob("*_bbx_gt.txt")).name
+        (subset / gt_name).write_text("\n".join(line for record in mine for line in record) + "\n")
+        images = subset / "images"
+        if not images.exists():
+            images.symlink_to((source / "images").resolve(), target_is_directory=True)
+        subsets.append(subset)
+    return subsets
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "shared-data.yaml",
-                        help="recipe whose `faces` is a WIDER folder; every other setting is kept")
+                        help="recipe whose `faces` are WIDER folders; every other setting is kept")
     parser.add_argument("--sizes", default="100,200", help="face images per run, comma-separated")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--wider-val", type=Path, default=DATA / "wider_face_val_dev")
@@ -71,14 +82,15 @@ def main() -> int:
     from jobs.training.recipe import load_recipe
 
     recipe = load_recipe(args.config)
-    if not isinstance(recipe.faces, str) or not Path(recipe.faces).is_dir():
-        raise SystemExit(f"{args.config}: `faces` must be one WIDER folder to take subsets of")
+    sources = [Path(face) for face in ([recipe.faces] if isinstance(recipe.faces, str) else recipe.faces)]
+    if not all(source.is_dir() and any(source.glob("*_bbx_gt.txt")) for source in sources):
+        raise SystemExit(f"{args.config}: `faces` must be WIDER folders to take subsets of")
     settings = yaml.safe_load(args.config.read_text())
     rows = []
     for size in (int(v) for v in args.sizes.split(",")):
-        subset = spread_subset(Path(recipe.faces), size, args.output / f"wider{size}")
+        subsets = spread_subset(sources, size, args.output / f"wider{size}")
         config = args.output / f"recipe{size}.yaml"
-        config.write_text(yaml.safe_dump({**settings, "faces": str(subset.resolve()),
+        config.write_text(yaml.safe_dump({**settings, "faces": [str(s.resolve()) for s in subsets],
                                           "landmarks": recipe.landmarks, "limit": None}))
         run = args.output / f"run{size}"
         started = time.perf_counter()

@@ -20,20 +20,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtcnn import Detections, DetectorConfig, FaceDetector, load_weights
+from mtcnn import Detections, DetectorConfig, FaceDetector
 from mtcnn.weights import CascadeWeights
 
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .parts import (Lease, OutputError, commit_file, committed_parts, new_owner, parquet_bytes,
                     part_name, remove_stale_temporaries)
 from .progress import ProgressLine
-from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_bytes, read_image
+from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_image
 from .run_state import MAX_STRIKES, RunState, path_digests
 from .schema import (ANNOTATION_SCHEMA, annotation_table, read_metadata, run_metadata, settings_of,
                      with_metadata)
 from .sources import CHUNK_PATHS, ListingShard, plan_shards
 from .redaction import public_path, redact, redact_text
 from .storage import filesystem, is_remote, join
+from .stored_weights import load_weights_from
 
 log = logging.getLogger(__name__)
 
@@ -427,36 +428,6 @@ def check_output(config: AnnotateConfig, settings: dict) -> list[str]:
     return parts
 
 
-def probe_reads(shards: list[ListingShard], storage_options: dict, policy: ReadPolicy,
-                count: int = 8) -> str | None:
-    """The one reason why the first images of the listing all fail not by their own fault, or None."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    first: list[str] = []
-    for shard in shards:
-        for chunk in shard.chunks(storage_options, count):
-            first += chunk[:count - len(first)]
-            break
-        if len(first) >= count:
-            break
-    if not first:
-        return None
-
-    def outcome(path: str):
-        try:
-            read_bytes(path, storage_options, policy)
-            return None
-        except ReadFailure as failure:
-            return failure
-
-    with ThreadPoolExecutor(len(first)) as pool:
-        failures = list(pool.map(outcome, first))
-    if all(f is not None and f.kind == TRANSIENT for f in failures) and \
-            len({f.reason for f in failures}) == 1:
-        return failures[0].reason
-    return None
-
-
 # -- the job ---------------------------------------------------------------------------------
 
 @dataclass
@@ -489,8 +460,7 @@ def annotate(config: AnnotateConfig,
 
 def _plan(config: AnnotateConfig) -> _Plan:
     """Everything that can be wrong, checked before OUTPUT is touched: inputs, weights, OUTPUT."""
-    weights = config.weights if isinstance(config.weights, CascadeWeights) \
-        else load_weights(config.weights)
+    weights = load_weights_from(config.weights, config.storage_options)
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
                             weights.provenance, config.detector, config.max_pixels, config.max_bytes)
     metadata["device"] = "cuda" if config.num_gpus > 0 else "cpu"
@@ -525,9 +495,12 @@ def _start_run(config: AnnotateConfig, plan: _Plan):
             fs.rm_file(path)
         log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
         parts = []
-    remove_stale_temporaries(config.output)
     dedupe = any(shard.kind in ("text", "parquet") for shard in plan.shards)
     state = ray.remote(RunState).options(max_concurrency=8, num_cpus=0).remote(dedupe)
+    # The probe runs on a worker (a cluster's workers may lack the driver's credentials), the
+    # run-state actor's, while the driver goes on setting up the run.
+    probe = state.probe.remote(plan.shards, config.storage_options, config.read_policy)
+    remove_stale_temporaries(config.output)
     state.plan.remote(len(plan.shards))
     if parts:
         index = ray.get(state.scan.remote(config.output, config.storage_options, parts,
@@ -535,14 +508,11 @@ def _start_run(config: AnnotateConfig, plan: _Plan):
         log.info("resuming: %d images already done in %s; %d error rows to redo",
                  index["done"], public_path(config.output), index["redo"])
     try:
-        reason = ray.get(ray.remote(probe_reads).options(num_cpus=0, max_retries=0).remote(
-            plan.shards, config.storage_options, config.read_policy))
+        reason = ray.get(probe)
     except ray.exceptions.RayError:
         reason = None  # the probe only looks for a common cause; the job finds any other
     if reason is not None:
-        raise JobStopped(f"the first images of {public_path(config.input)} all fail to read the same way, "
-                         f"which is not the images' fault: {reason}. Nothing was marked done; "
-                         "fix access (credentials, bucket, endpoint) and run again")
+        raise JobStopped(f"{public_path(config.input)}: {reason}. Nothing was marked done")
     return state
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.detector_args import add_detector_arguments, detector_config
-from mtcnn import Detections, DetectorConfig, FaceDetector, load_weights
+from mtcnn import Detections, DetectorConfig, FaceDetector
 from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
                               load_wider_ground_truth, save_pr_curves)
@@ -26,6 +26,7 @@ from .redaction import public_path, redact, redact_text
 from .decode import DecodeError, decode_pixels
 from .schema import read_annotations, row_detections
 from .storage import filesystem, is_url, parse_storage_options
+from .stored_weights import load_weights_from
 
 
 class ImageReadError(ValueError):
@@ -283,7 +284,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         else:
             metrics["weights"], metrics["detector"] = {"source": "unknown", "sha256": ""}, None
     else:
-        weights = load_weights(config.weights)
+        weights = load_weights_from(config.weights, config.storage_options)
         metrics = {
             "weights": {"source": str(weights.source or config.weights), "sha256": weights.sha256,
                         "provenance": redact(weights.provenance)},

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from .redaction import redact_text
+from .redaction import public_path, redact_text
 from .storage import filesystem
 
 PERMANENT = "permanent"
 TRANSIENT = "transient"
+NOT_FOUND = "file not found (moved or deleted after listing?)"
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def classify(error: BaseException) -> tuple[str, str]:
         if "bucket" in text.lower():
             # s3fs reports a missing bucket as FileNotFoundError: the input's fault, not the file's.
             return f"no such bucket: {text}", TRANSIENT
-        return "file not found (moved or deleted after listing?)", PERMANENT
+        return NOT_FOUND, PERMANENT
     if isinstance(error, IsADirectoryError):
         return "is a folder, not an image file", PERMANENT
     if isinstance(error, PermissionError):
@@ -157,3 +158,37 @@ def inject_crash(path: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def probe_reads(paths: list[str], storage_options: dict, policy: ReadPolicy) -> str | None:
+    """Why the job should not start, when the listing's first images all fail the same way, or None.
+
+    One transient reason for all of them (no credentials, no such bucket, no endpoint) is not the
+    images' fault: annotating on would record a run of rows that only say so. None of them found
+    at all most often means paths written relative to another folder than the one they are read
+    from. Either way the job stops before anything is marked done.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not paths:
+        return None
+
+    def outcome(path: str):
+        try:
+            read_bytes(path, storage_options, policy)
+            return None
+        except ReadFailure as failure:
+            return failure
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        failures = list(pool.map(outcome, paths))
+    if any(failure is None for failure in failures) or len({f.reason for f in failures}) != 1:
+        return None
+    failure = failures[0]
+    if failure.kind == TRANSIENT:
+        return (f"the first {len(paths)} images all fail to read the same way, which is not the "
+                f"images' fault: {failure.reason}; fix access (credentials, bucket, endpoint) and run again")
+    if failure.reason == NOT_FOUND:
+        return (f"none of the first {len(paths)} images exists (the first is {public_path(paths[0])}); "
+                "check the paths: relative ones in a manifest are read from the manifest's folder")
+    return None

@@ -90,6 +90,13 @@ class RunState:
             self._done = np.sort(np.concatenate(done)) if done else self._done
         return {"done": int(len(self._done)), "redo": redo, "rewritten": rewritten}
 
+    def probe(self, shards: list, storage_options: dict, policy) -> str | None:
+        """jobs.sources.probe_listing, run here: this actor is a worker already, and one process
+        fewer to start matters on small machines."""
+        from .sources import probe_listing
+
+        return probe_listing(shards, storage_options, policy)
+
     def plan(self, shards: int) -> None:
         """How many listing shards the run has (the total is known once all have reported)."""
         self._shards = shards

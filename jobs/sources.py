@@ -103,6 +103,26 @@ def plan_shards(source: str, storage_options: dict | None = None) -> list[Listin
     return [ListingShard(source, "file")]
 
 
+def first_inputs(shards: list[ListingShard], storage_options: dict | None = None,
+                 count: int = 8) -> list[str]:
+    """The first count paths of a listing (fewer when it is shorter)."""
+    first: list[str] = []
+    for shard in shards:
+        for chunk in shard.chunks(storage_options, count):
+            first += chunk[:count - len(first)]
+            break
+        if len(first) >= count:
+            break
+    return first
+
+
+def probe_listing(shards: list[ListingShard], storage_options: dict | None, policy) -> str | None:
+    """jobs.reading.probe_reads on the listing's first paths, listed where this runs."""
+    from .reading import probe_reads
+
+    return probe_reads(first_inputs(shards, storage_options), storage_options or {}, policy)
+
+
 def iter_inputs(source: str, storage_options: dict | None = None,
                 chunk_paths: int = CHUNK_PATHS) -> Iterator[list[str]]:
     """Every shard's chunks in order, in this process (for small sources and tools)."""

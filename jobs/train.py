@@ -37,7 +37,7 @@ def _run_recipe(args: argparse.Namespace) -> int:
     overrides = {**given(args, RecipeConfig), "stage_overrides": every_stage}
     config = load_recipe(args.config, overrides)
     init_ray(args.address, num_cpus=args.num_cpus, dashboard=True)
-    summary = run_recipe(config, args.output)
+    summary = run_recipe(config, args.output, restart=bool(getattr(args, "restart", False)))
     print(f"recipe finished in {summary.seconds / 60:.1f} min: {redact_text(summary.weights_path)}")
     for stage, record in summary.stages.items():
         metrics = record.get("final_metrics") or {}

@@ -87,6 +87,17 @@ def integral_image(image: torch.Tensor) -> torch.Tensor:
     return table
 
 
+def host_integral_image(image: np.ndarray) -> torch.Tensor:
+    """Summed-area table (H+1, W+1, 4) of an RGB uint8 image on the CPU: the fast way to make one.
+
+    OpenCV's integral is several times faster than two torch cumsums. A fourth (unused) channel
+    makes each pixel's sums 16 bytes, which crop_resize reads faster; pass channels=3 to it.
+    Images over about 8 megapixels overflow int32: use integral_image for those.
+    """
+    rgba = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2RGBA)
+    return torch.from_numpy(cv2.integral(rgba, sdepth=cv2.CV_32S))
+
+
 def _area_bins(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer [begin, end) of each of size output bins over [start, start + length)."""
     index = torch.arange(size, device=start.device, dtype=torch.long)

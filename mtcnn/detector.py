@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, fields, replace
 
 from torch.profiler import record_function
 
-import cv2
 import numpy as np
 import torch
 
 from .box_coder import crop_regions, decode_boxes, decode_landmarks
-from .boxes import batched_nms, crop_resize, integral_image, square
+from .boxes import batched_nms, crop_resize, host_integral_image, integral_image, square
 from .inference import ProposalNet, WindowNet
 from .nets import STAGE_NAMES, STAGES
 from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scales
@@ -420,10 +419,7 @@ class _ImageSources:
         if index not in self._tables:
             image = self.images[index]
             if self.host_kernels and image.shape[0] * image.shape[1] * 255 < 2**31:
-                # OpenCV's integral is several times faster than two torch cumsums on CPU. A fourth
-                # (unused) channel makes each pixel's sums 16 bytes, which crop_resize reads faster.
-                rgba = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
-                table = torch.from_numpy(cv2.integral(rgba, sdepth=cv2.CV_32S))
+                table = host_integral_image(image)
             else:
                 table = integral_image(torch.from_numpy(image).to(self.device))
             self._tables[index] = table

@@ -68,6 +68,16 @@ def reference_weights_path() -> Path:
     return Path(str(resources.files("mtcnn") / "data" / REFERENCE_FILE))
 
 
+#: Weights shipped with the package, by name: the reference, and the cascade that
+#: configs/shared-data.yaml trains (its header holds the config, data and metrics).
+BUNDLED_WEIGHTS = {"reference": REFERENCE_FILE, "shared-data-recipe": "shared_data_recipe.safetensors"}
+
+
+def bundled_weights_path(name: str) -> Path:
+    """Path of bundled weights by name (see BUNDLED_WEIGHTS)."""
+    return Path(str(resources.files("mtcnn") / "data" / BUNDLED_WEIGHTS[name]))
+
+
 def save_weights(path: str | os.PathLike, stages: dict[str, torch.nn.Module],
                  provenance: dict | None = None) -> None:
     """Write stages (any of pnet, rnet, onet) and a provenance header to one file."""
@@ -93,9 +103,10 @@ def save_weights(path: str | os.PathLike, stages: dict[str, torch.nn.Module],
 
 
 def resolve_weights_path(weights: str | os.PathLike) -> Path:
-    """Turn "reference", a weights file or a training run's folder into a file path."""
-    if str(weights) == "reference":
-        return reference_weights_path()
+    """Turn a bundled name ("reference", "shared-data-recipe"), a weights file or a training run's
+    folder into a file path."""
+    if str(weights) in BUNDLED_WEIGHTS:
+        return bundled_weights_path(str(weights))
     path = Path(weights)
     if path.is_dir():
         # A training run's output folder: its final weights, written when the run ends.
@@ -106,7 +117,7 @@ def resolve_weights_path(weights: str | os.PathLike) -> Path:
         return candidate
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; "
-                           "use 'reference', a .safetensors file or a training run's folder")
+                           "use 'reference' or 'shared-data-recipe', a .safetensors file or a training run's folder")
     return path
 
 

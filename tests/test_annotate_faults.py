@@ -140,6 +140,25 @@ def test_workers_without_credentials_stop_early_with_exit_1_and_mark_nothing_don
     assert committed_parts(str(tmp_path / "out")) == []
 
 
+def test_a_manifest_whose_first_paths_all_miss_stops_early_and_one_missing_path_does_not(tmp_path):
+    # Paths written relative to another folder: every one is "not found", a mistake of the listing
+    # rather than a million final error rows.
+    photos = photo_folder(tmp_path / "photos", 10)
+    manifest = tmp_path / "lists" / "todo.txt"
+    manifest.parent.mkdir()
+    manifest.write_text("".join(f"photos/{Path(path).name}\n" for path in photos))
+    job = cli(["annotate", str(manifest), str(tmp_path / "out")])
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs annotate:")]
+    assert len(lines) == 1 and "none of the first 8 images exists" in lines[0], err
+    assert committed_parts(str(tmp_path / "out")) == []
+    # One missing file among real ones is that file's own error row.
+    manifest.write_text("".join(f"../photos/{Path(path).name}\n" for path in photos[:9]) + "../photos/gone.png\n")
+    summary = annotate(AnnotateConfig(str(manifest), str(tmp_path / "out"), show_progress=False))
+    assert (summary.images, summary.errors) == (10, 1)
+
+
 def test_flaky_reads_are_retried_and_give_the_right_rows(tmp_path, monkeypatch):
     paths = photo_folder(tmp_path, 3, "flaky {}.png")
     monkeypatch.setenv("MTCNN_JOBS_FAILPOINTS", "fail_reads=2:flaky 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pytest
 
@@ -76,14 +77,36 @@ def test_landmark_targets_are_five_x_then_five_y():
     np.testing.assert_allclose(targets[0, 5:], [0.5, 0.0, 1.0, 0.75, 0.25], atol=1e-7)
 
 
-def test_crops_pad_outside_the_image_with_black():
+def test_crops_stretch_the_part_inside_the_image_as_the_detector_does():
     image = np.full((40, 50, 3), 200, np.uint8)
     image[:, 25:] = 100
-    crops = crop_windows(image, np.array([[-10, -10, 10, 10], [20, 0, 40, 20]]), 20)
-    assert crops.shape == (2, 20, 20, 3) and crops.dtype == np.uint8
-    assert (crops[0, :10] == 0).all() and (crops[0, :, :10] == 0).all()
-    assert (crops[0, 10:, 10:] == 200).all()
+    crops = crop_windows(image, np.array([[-10, -10, 10, 10], [20, 0, 40, 20], [30, -20, 60, 20]]), 20)
+    assert crops.shape == (3, 20, 20, 3) and crops.dtype == np.uint8
+    assert (crops[0] == 200).all()  # the 10 x 10 pixels inside, stretched: no black border
     assert (crops[1, :, :5] == 200).all() and (crops[1, :, 5:] == 100).all()
+    assert (crops[2] == 100).all()
+
+
+@pytest.mark.parametrize("host_kernels", [True, False])
+def test_training_crops_are_the_detectors_crops_of_the_same_boxes(host_kernels):
+    from mtcnn.detector import _ImageSources
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (57, 83, 3), dtype=np.uint8)
+    corners = rng.integers(-30, 70, (40, 2))
+    sides = rng.integers(3, 60, (40, 1))
+    windows = np.concatenate([corners, corners + sides], axis=1)  # many cross an edge
+    assert ((windows[:, :2] < 0) | (windows[:, 2:] > [83, 57])).any(axis=1).sum() > 10
+    for size in (12, 24, 48):
+        training = crop_windows(image, windows, size)
+        boxes = torch.from_numpy((windows + [1, 1, 0, 0]).astype(np.float32))
+        sources = _ImageSources([image], torch.device("cpu"), host_kernels)
+        detector, valid = sources.crops(boxes, torch.zeros(len(boxes), dtype=torch.long), size)
+        detector = detector.permute(0, 2, 3, 1).numpy()
+        valid = valid.numpy()
+        assert valid.sum() > 20
+        np.testing.assert_array_less(np.abs(training[valid].astype(np.float32) - detector[valid]), 0.5 + 1e-3)
+        assert (training[~valid] == 0).all()  # wholly outside: nothing to see
 
 
 def test_crops_resize_to_the_stage_size():

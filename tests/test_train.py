@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from jobs.training.samples import SampleConfig, face_samples, landmark_samples, to_table
+from jobs.training.fingerprint import SettingsChanged
 from jobs.training.trainer import TrainConfig, train_stage
 from mtcnn.annotations import read_facepoint_list, read_wider
 from mtcnn.detector import FaceDetector
@@ -127,7 +128,7 @@ def test_a_stopped_run_resumes_from_its_s3_checkpoint(ray_session, pnet_shards, 
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "key": "testing", "secret": "testing"}
     stopped = _config(shards, tmp_path / "run", epochs=2, num_workers=1, cpus_per_worker=1,
                       storage_path="s3://runs/checkpoints", run_name="pnet-s3", max_failures=0,
-                      inject_failure_at_epoch=1, storage_options=options)
+                      inject_failure_at_epoch=1, storage_options=options, flip=True, color_jitter=0.2)
     with pytest.raises(Exception, match="injected failure"):
         train_stage(stopped)  # no retries left: the run stops after epoch 0's checkpoint
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint)
@@ -148,6 +149,31 @@ def test_a_stopped_run_resumes_from_its_s3_checkpoint(ray_session, pnet_shards, 
     assert "testing" not in json.dumps(provenance)
 
 
+def test_a_run_started_with_other_settings_is_refused_naming_them_or_restarted(ray_session, pnet_shards,
+                                                                              tmp_path):
+    shards, _ = pnet_shards
+    one_worker = dict(epochs=1, num_workers=1, cpus_per_worker=1)
+    first = train_stage(_config(shards, tmp_path / "run", **one_worker))
+    assert first.metrics["resumed_from_epoch"] == 0
+    # A changed learning rate, or other data in the same output, never resumes silently.
+    with pytest.raises(SettingsChanged, match=r"learning_rate: 0.003 -> 0.001.*--restart"):
+        train_stage(_config(shards, tmp_path / "run", learning_rate=1e-3, **one_worker))
+    other = tmp_path / "other" / "pnet"
+    write_tiny_shards(other, images=8, seed=1)
+    with pytest.raises(SettingsChanged, match="samples: "):
+        train_stage(_config(other, tmp_path / "run", **one_worker))
+    assert load_weights(tmp_path / "run").provenance["config"]["learning_rate"] == 3e-3  # untouched
+    # Operational settings may change: more workers resume the finished run (no epoch left).
+    again = train_stage(_config(shards, tmp_path / "run", epochs=1, num_workers=2, cpus_per_worker=0.5))
+    assert again.history == first.history
+    # Asked to, it discards the old checkpoints and trains afresh with the new settings.
+    restarted = train_stage(_config(shards, tmp_path / "run", learning_rate=1e-3, restart=True, **one_worker))
+    assert restarted.metrics["resumed_from_epoch"] == 0 and restarted.metrics["learning_rate"] == 1e-3
+    provenance = load_weights(tmp_path / "run").provenance
+    assert provenance["config"]["learning_rate"] == 1e-3
+    assert provenance["settings"]["learning_rate"] == 1e-3
+
+
 def test_shards_of_another_stage_or_missing_get_a_clear_error(pnet_shards, tmp_path):
     shards, _ = pnet_shards
     with pytest.raises(ValueError, match="12px samples but rnet trains on 24px"):
@@ -161,12 +187,16 @@ def test_shards_of_another_stage_or_missing_get_a_clear_error(pnet_shards, tmp_p
 def test_recipe_config_is_read_into_dataclasses_with_clear_errors(tmp_path):
     from jobs.training.recipe import load_recipe
 
-    for config_file in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+    for config_file in sorted((Path(__file__).parents[1] / "configs").glob("shared-data*.yaml")):
         config = load_recipe(config_file)
         assert list(config.stages) == ["pnet", "rnet", "onet"] and not config.ohem
         faces = config.faces if isinstance(config.faces, list) else [config.faces]
         assert all(Path(source).exists() for source in faces)  # resolved from the file's folder
         assert Path(config.landmarks).is_file()
+    # The cluster recipe names the user's own data: it reads, its paths are theirs to fill in.
+    cluster = load_recipe(Path(__file__).parents[1] / "configs" / "wider-full.yaml")
+    assert cluster.use_gpu and cluster.num_workers >= 4 and cluster.storage_path.startswith("s3://")
+    assert cluster.face_images.startswith("s3://")
     tuned = tmp_path / "tuned.yaml"
     tuned.write_text("faces: x\nstages:\n  pnet: {epochs: 2, weight_decay: 0.0005, flip: true, "
                      "color_jitter: 0.2}\n")

@@ -30,7 +30,9 @@ from mtcnn.nets import stage_spec
 from ..decode import read_rgb
 from ..redaction import public_path, redact, redact_text
 from ..storage import filesystem, is_remote
+from ..stored_weights import load_weights_from
 from .augment import AugmentConfig, augment
+from .fingerprint import prepare_settings
 from .samples import SampleConfig, SampleSet, face_samples, landmark_samples, to_table
 from .schema import KIND_NAMES, SAMPLE_SCHEMA, SUMMARY_FILE, stage_folder
 
@@ -188,7 +190,7 @@ class SampleMaker:
     """Makes one stage's samples for batches of annotated images (a Ray Data actor)."""
 
     def __init__(self, samples: SampleConfig, augment: AugmentConfig | None, seed: int,
-                 weights: str | None = None, mining: DetectorConfig = MINING_DETECTOR,
+                 weights=None, mining: DetectorConfig = MINING_DETECTOR,
                  storage_options: dict | None = None) -> None:
         self.samples = samples
         self.augment = augment
@@ -309,10 +311,8 @@ def _check_weights(config: PrepareConfig) -> None:
     """Fail before any work when the weights lack the stages that mine this stage's samples."""
     if config.mined_by is None:
         return
-    from mtcnn.weights import load_weights
-
     try:
-        weights = load_weights(config.weights)
+        weights = load_weights_from(config.weights, config.storage_options)
     except Exception as error:  # noqa: BLE001 - reported with what to pass instead
         raise PrepareError(f"cannot load --weights {config.weights}: {error}") from None
     needed = stage_spec(config.stage).earlier
@@ -350,7 +350,8 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
         SampleMaker, batch_size=config.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=min(concurrency, blocks)), num_cpus=1,
         fn_constructor_kwargs={"samples": samples, "augment": config.augment, "seed": config.seed,
-                               "weights": config.weights, "mining": config.mining,
+                               "weights": load_weights_from(config.weights, config.storage_options)
+                               if config.mined_by else None, "mining": config.mining,
                                "storage_options": config.storage_options})
     # Writers take no CPU: the actors hold every CPU until the last image, and the shards
     # should land as they come rather than wait in the object store. A few thousand rows per
@@ -383,9 +384,10 @@ def _write_summary(fs, root: str, config: PrepareConfig, samples: SampleConfig, 
         "weights": config.weights, "seed": config.seed, "faces": config.faces, "landmarks": config.landmarks,
         "storage_options": config.storage_options,
     })
+    record["weights_sha256"] = None
     if config.mined_by:
-        from mtcnn.weights import load_weights
-        record["weights_sha256"] = load_weights(config.weights).sha256
+        record["weights_sha256"] = load_weights_from(config.weights, config.storage_options).sha256
+    record["settings"] = prepare_settings(config, record["weights_sha256"])
     with fs.open(root.rstrip("/") + "/" + SUMMARY_FILE, "w") as handle:
         json.dump(record, handle, indent=2, default=str)
 

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtcnn.nets import STAGE_NAMES
-
 from mtcnn.annotations import split_format
+from mtcnn.nets import STAGE_NAMES
 from mtcnn.pyramid import PYRAMIDS
 
 from ..redaction import redact, redact_text
 from ..settings import build, merge, read_yaml
-from ..storage import is_url
+from ..storage import filesystem, is_remote, is_url, join
+from ..stored_weights import WEIGHTS_FILE, load_weights_from
+from .fingerprint import SettingsChanged, differences, prepare_settings
 from .samples import SampleConfig
 from .schema import SUMMARY_FILE, stage_folder
-from .trainer import WEIGHTS_FILE, TrainConfig, TrainSummary, train_stage
+from .trainer import TrainConfig, TrainSummary, run_settings, train_stage
 
 
 #: Per-stage keys a recipe may set: the training and sample settings that differ by stage.
 #: The rest of TrainConfig is set once for the recipe (RecipeConfig) or by the recipe itself.
-_RECIPE_LEVEL = {"stage", "data", "output", "run_name", "previous_weights", "inject_failure_at_epoch",
+_RECIPE_LEVEL = {"stage", "data", "output", "run_name", "previous_weights", "inject_failure_at_epoch", "restart",
                  "ohem", "num_workers", "use_gpu", "cpus_per_worker", "storage_path", "storage_options", "seed"}
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _RECIPE_LEVEL)
 SAMPLE_KEYS = tuple(f.name for f in dataclasses.fields(SampleConfig) if f.name != "stage")
@@ -73,6 +74,9 @@ class RecipeConfig:
     #: Face annotations: one source or a list (WIDER gt file or folder, WebFaces, dlib XML, FDDB,
     #: annotation table; FORMAT:PATH where the name does not tell), as `mtcnn-jobs prepare --faces`.
     faces: str | list[str] = field(metadata={"help": "recipe: face annotation sources, as prepare --faces"})
+    #: Default: the format's own place (a WIDER folder's images/).
+    face_images: str | None = field(default=None, metadata={
+        "help": "recipe: image root of the face annotations (one source only), e.g. s3://bucket/WIDER_train/images"})
     landmarks: str | None = field(default=None, metadata={"help": "recipe: 5-point list (cnn_facepoint format)"})
     limit: int | None = field(default=None, metadata={"help": "recipe: first N images of each list (quick runs)"})
     augment: bool = field(default=True, metadata={"help": "recipe: augment the images samples are cut from"})
@@ -125,8 +129,9 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> RecipeConfig
         values["faces"] = [_resolve_from(path.parent, source) for source in values["faces"]]
     elif values.get("faces"):
         values["faces"] = _resolve_from(path.parent, values["faces"])
-    if values.get("landmarks"):
-        values["landmarks"] = _resolve_from(path.parent, values["landmarks"])
+    for key in ("landmarks", "face_images"):
+        if values.get(key):
+            values[key] = _resolve_from(path.parent, values[key])
     return build(RecipeConfig, values, str(path))
 
 
@@ -148,74 +153,112 @@ class RecipeSummary:
     seconds: float
 
 
-def _prepare(config: RecipeConfig, stage: str, samples_root: Path, weights: str | None) -> dict:
-    """Make (or reuse, when a finished earlier run left them) a stage's samples."""
+def _prepare(config: RecipeConfig, stage: str, samples_root: str, weights: str | None,
+             restart: bool) -> dict:
+    """Make a stage's samples, or reuse those an earlier run made with the same settings."""
     from mtcnn.detector import DetectorConfig
 
     from .augment import AugmentConfig
     from .prepare_stage import MINING_DETECTOR, PrepareConfig, prepare_stage
 
-    folder = Path(stage_folder(str(samples_root), stage))
-    summary_file = folder / SUMMARY_FILE
-    if summary_file.is_file():
-        record = json.loads(summary_file.read_text())
-        print(f"[recipe] {stage}: reusing samples in {folder} ({record['counts']})", flush=True)
-        return {"counts": record["counts"], "prepare_seconds": record["seconds"], "reused": True}
     prepare = PrepareConfig(
-        output=str(samples_root), samples=config.stages[stage].samples(stage),
-        faces=config.faces, landmarks=config.landmarks, weights=weights,
+        output=samples_root, samples=config.stages[stage].samples(stage),
+        faces=config.faces, face_images=config.face_images, landmarks=config.landmarks, weights=weights,
         mining=DetectorConfig(min_face_size=config.mining_min_face_size,
                               thresholds=MINING_DETECTOR.thresholds, pyramid=config.mining_pyramid),
         augment=AugmentConfig() if config.augment else None, seed=config.seed, limit=config.limit,
         concurrency=config.prepare_concurrency, overwrite=True,
         storage_options=config.storage_options)
+    folder = stage_folder(samples_root, stage)
+    fs, root = filesystem(folder, config.storage_options)
+    summary_file = join(root, SUMMARY_FILE)
+    if fs.exists(summary_file):
+        record = json.loads(fs.cat_file(summary_file))
+        wanted = prepare_settings(prepare, load_weights_from(weights, config.storage_options).sha256 if weights else None)
+        if record.get("settings") == wanted:
+            print(f"[recipe] {stage}: reusing samples in {redact_text(folder)} ({record['counts']})",
+                  flush=True)
+            return {"counts": record["counts"], "prepare_seconds": record["seconds"], "reused": True}
+        changed = "; ".join(differences(record.get("settings"), wanted))
+        if not restart:
+            raise SettingsChanged(
+                f"{stage}: the samples in {redact_text(folder)} were made with other settings "
+                f"({changed}); pass --restart to make them again (and retrain from there), "
+                "or choose another --output")
+        print(f"[recipe] {stage}: --restart: making samples again ({changed})", flush=True)
     print(f"[recipe] {stage}: preparing samples"
-          f"{f' mined with {weights}' if weights else ''}", flush=True)
+          f"{f' mined with {redact_text(weights)}' if weights else ''}", flush=True)
     summary = prepare_stage(prepare)
     for line in summary.lines():
         print(f"[recipe] {redact_text(line)}", flush=True)
     return {"counts": summary.counts, "prepare_seconds": round(summary.seconds, 1)}
 
 
-def _train(config: RecipeConfig, stage: str, samples_root: Path, run_folder: Path,
-           previous: str | None) -> TrainSummary | None:
+def _train(config: RecipeConfig, stage: str, samples_root: str, run_folder: str,
+           previous: str | None, restart: bool) -> TrainSummary | None:
+    """Train a stage, or reuse the weights an earlier run trained with the same settings."""
     settings = config.stages[stage]
-    if (run_folder / WEIGHTS_FILE).is_file():
-        print(f"[recipe] {stage}: reusing trained weights in {run_folder}", flush=True)
-        return None
-    # Same run name and storage path as an interrupted attempt: Ray Train resumes its checkpoint.
-    return train_stage(TrainConfig(
-        stage=stage, data=stage_folder(str(samples_root), stage), output=str(run_folder),
+    # Same run name and storage path as an interrupted attempt: Ray Train resumes its checkpoint
+    # (train_stage refuses one started with other settings, unless restart).
+    train = TrainConfig(
+        stage=stage, data=stage_folder(samples_root, stage), output=run_folder,
         **settings.training(), ohem=config.ohem, num_workers=config.num_workers, use_gpu=config.use_gpu,
         cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path,
         run_name=f"recipe-{stage}", previous_weights=previous,
-        storage_options=config.storage_options, seed=config.seed))
+        storage_options=config.storage_options, seed=config.seed, restart=restart)
+    weights_file = join(run_folder, WEIGHTS_FILE)
+    fs, path = filesystem(weights_file, config.storage_options)
+    if fs.exists(path):
+        earlier = load_weights_from(weights_file, config.storage_options).provenance.get("settings")
+        wanted = run_settings(train)
+        if earlier == wanted:
+            print(f"[recipe] {stage}: reusing trained weights in {redact_text(run_folder)}", flush=True)
+            return None
+        changed = "; ".join(differences(earlier, wanted))
+        if not restart:
+            raise SettingsChanged(
+                f"{stage}: the weights in {redact_text(run_folder)} were trained with other settings "
+                f"({changed}); pass --restart to train again, or choose another --output")
+        print(f"[recipe] {stage}: --restart: training again ({changed})", flush=True)
+    return train_stage(train)
 
 
-def run_recipe(config: RecipeConfig, output: str | Path) -> RecipeSummary:
-    """Prepare and train every configured stage in turn; the final weights land in output/."""
+def run_recipe(config: RecipeConfig, output: str, restart: bool = False) -> RecipeSummary:
+    """Prepare and train every configured stage in turn; the final weights land in output/.
+
+    Output may be a local folder or an object-store URL. A stage's samples and weights from an
+    earlier run are reused only when the settings that made them are the same; otherwise the run
+    is refused naming the differences, or, with restart, made again from that stage on.
+    """
     started = time.perf_counter()
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    samples_root = output / "samples"
+    output = str(output).rstrip("/")
+    fs, root = filesystem(output, config.storage_options)
+    if not is_remote(output):
+        output = os.path.abspath(output)
+        fs.makedirs(output, exist_ok=True)
+    samples_root = join(output, "samples")
     previous: str | None = None
     report: dict[str, dict] = {}
     for stage in config.stages:
         stage_started = time.perf_counter()
-        report[stage] = _prepare(config, stage, samples_root, previous)
-        run_folder = output / stage
-        trained = _train(config, stage, samples_root, run_folder, previous)
+        report[stage] = _prepare(config, stage, samples_root, previous, restart)
+        run_folder = join(output, stage)
+        trained = _train(config, stage, samples_root, run_folder, previous, restart)
         if trained is not None:
             report[stage].update(train_seconds=round(trained.seconds, 1), samples=trained.samples,
                                  final_metrics=trained.metrics)
         report[stage]["stage_seconds"] = round(time.perf_counter() - stage_started, 1)
-        previous = str(run_folder)  # its weights file holds this stage and all earlier ones
+        previous = run_folder  # its weights file holds this stage and all earlier ones
         print(f"[recipe] {stage} finished after {time.perf_counter() - started:.0f} s in all",
               flush=True)
-    final = output / WEIGHTS_FILE
-    shutil.copyfile(Path(previous) / WEIGHTS_FILE, final)  # `load_weights(output)` finds it
+    # `load_weights(output)` finds the final cascade there.
+    final = join(output, WEIGHTS_FILE)
+    fs, _ = filesystem(final, config.storage_options)
+    fs.copy(filesystem(join(previous, WEIGHTS_FILE), config.storage_options)[1],
+            filesystem(final, config.storage_options)[1])
     seconds = time.perf_counter() - started
     record = {"config": redact(dataclasses.asdict(config)), "stages": report,
-              "seconds": round(seconds, 1), "weights": str(final)}
-    (output / "recipe.json").write_text(json.dumps(record, indent=2, default=str))
-    return RecipeSummary(str(final), report, seconds)
+              "seconds": round(seconds, 1), "weights": redact_text(final)}
+    fs.pipe_file(filesystem(join(output, "recipe.json"), config.storage_options)[1],
+                 json.dumps(record, indent=2, default=str).encode())
+    return RecipeSummary(final, report, seconds)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import pyarrow as pa
+import torch
 
-from mtcnn.box_coder import box_iou, box_windows, encode_boxes, encode_landmarks
+from mtcnn.box_coder import box_iou, box_of_window, box_windows, crop_regions, encode_boxes, encode_landmarks
+from mtcnn.boxes import crop_resize, host_integral_image, integral_image
 
 from mtcnn.nets import STAGE_NAMES, stage_spec
 
@@ -141,20 +142,24 @@ def label_windows(windows: np.ndarray, boxes: np.ndarray, ignore: np.ndarray,
 
 
 def crop_windows(image: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
-    """(N, size, size, 3) uint8 crops of integer windows; parts outside the image are zeros."""
+    """(N, size, size, 3) uint8 crops of integer windows, cut as the detector cuts its crops.
+
+    The part of a window inside the image is stretched to size x size with the detector's own
+    area resize (mtcnn.box_coder.crop_regions + mtcnn.boxes.crop_resize), so a net trains on
+    exactly the pixels it later sees: the detector (like the reference) stretches clipped crops
+    rather than padding them.
+    """
     windows = np.asarray(windows, np.int64).reshape(-1, 4)
-    out = np.zeros((len(windows), size, size, 3), np.uint8)
     if len(windows) == 0:
-        return out
+        return np.zeros((0, size, size, 3), np.uint8)
     height, width = image.shape[:2]
-    pad = int(max(0, -windows[:, :2].min(), (windows[:, 2] - width).max(), (windows[:, 3] - height).max()))
-    # The original MTCNN pads clipped windows with black; padding once keeps every slice simple.
-    padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else image
-    for index, (x1, y1, x2, y2) in enumerate(windows + pad):
-        patch = padded[y1:y2, x1:x2]
-        if patch.size:
-            # Area interpolation, as the detector's pyramid and crops use.
-            out[index] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+    regions = crop_regions(torch.from_numpy(box_of_window(windows).astype(np.float32)), width, height)
+    table = host_integral_image(image) if height * width * 255 < 2**31 \
+        else integral_image(torch.from_numpy(np.ascontiguousarray(image)))
+    crops = crop_resize(table, regions, size, channels=3).permute(0, 2, 3, 1).round().clamp(0, 255)
+    out = crops.to(torch.uint8).numpy()
+    empty = ((regions[:, 2] <= regions[:, 0]) | (regions[:, 3] <= regions[:, 1])).numpy()
+    out[empty] = 0  # wholly outside the image: nothing to see
     return out
 
 

@@ -23,17 +23,19 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from mtcnn.nets import STAGE_NAMES, build_stage, normalize_pixels, stage_spec
-from mtcnn.weights import load_weights, save_weights
+from mtcnn.weights import save_weights
 
 from ..ray_env import init_ray
 from ..redaction import redact, redact_text
-from ..storage import filesystem, is_remote
+from ..storage import filesystem, is_remote, join
+from ..stored_weights import WEIGHTS_FILE, load_weights_from
 from .batch_augment import BatchAugmentConfig, augment_batch
+from .fingerprint import RUN_SETTINGS_FILE, SettingsChanged, differences, train_settings
 from .losses import STAGE_TASK_WEIGHTS, LossTerms, multitask_loss
+from .schema import SUMMARY_FILE
 
 #: Columns of the sample schema (jobs/training/schema.py) that training reads.
 SAMPLE_COLUMNS = ("image", "size", "kind", "box", "landmarks")
-WEIGHTS_FILE = "weights.safetensors"
 _STATE_FILE = "train_state.pt"
 
 
@@ -81,6 +83,10 @@ class TrainConfig:
     log_every: int = field(default=50, metadata={"help": "batches between progress lines within an epoch"})
     #: Testing aid: the first worker raises once when this epoch starts (recovery checks).
     inject_failure_at_epoch: int | None = field(default=None, metadata={"cli": False})
+    restart: bool = field(default=False, metadata={
+        "help": "when earlier checkpoints (or, with --config, samples and weights) of this output were "
+                "made with other settings, discard them and start afresh; without it such a run is "
+                "refused, naming the differences"})
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)  # an unknown stage fails here
@@ -385,7 +391,7 @@ def _default_cpus_per_worker(num_workers: int) -> float:
 
 def _provenance(config: TrainConfig, samples: int, metrics: dict, history: list[dict],
                 previous: dict | None) -> dict:
-    settings = {k: v for k, v in asdict(config).items() if k != "inject_failure_at_epoch"}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("inject_failure_at_epoch", "restart")}
     # All of it, not only storage_options: data, output and previous weights may be URLs that
     # carry credentials, and the provenance travels inside the weights file.
     return redact({
@@ -414,11 +420,54 @@ def _write_weights(config: TrainConfig, stages: dict, provenance: dict) -> str:
     return destination
 
 
+def data_settings(config: TrainConfig) -> dict | None:
+    """The settings that made the stage's shards (from prepare's record), or None if unrecorded."""
+    fs, root = filesystem(config.data, config.storage_options)
+    record_path = join(root, SUMMARY_FILE)
+    if not fs.exists(record_path):
+        return None
+    with fs.open(record_path, "r") as handle:
+        return json.load(handle).get("settings")
+
+
+def run_settings(config: TrainConfig) -> dict:
+    """What determines this run's result (jobs/training/fingerprint.py), with its data and stages."""
+    previous = load_weights_from(config.previous_weights, config.storage_options).sha256 \
+        if config.previous_weights else None
+    return train_settings(config, data_settings(config), previous)
+
+
+def _check_resume(config: TrainConfig, settings: dict) -> None:
+    """Refuse (or, with restart, clear) a run of this name started with other settings; record ours."""
+    fs, path = filesystem(config.checkpoint_storage, config.storage_options)
+    run_folder = join(path if is_remote(config.checkpoint_storage) else os.path.abspath(path),
+                      config.run_name or config.stage)
+    record = join(run_folder, RUN_SETTINGS_FILE)
+    if fs.exists(run_folder) and fs.ls(run_folder):
+        earlier = json.loads(fs.cat_file(record)) if fs.exists(record) else None
+        if earlier != settings:
+            changed = differences(earlier, settings)
+            if not config.restart:
+                raise SettingsChanged(
+                    f"{config.stage}: run {config.run_name or config.stage!r} in "
+                    f"{redact_text(config.checkpoint_storage)} was started with other settings "
+                    f"({'; '.join(changed)}); pass --restart to discard its checkpoints and train "
+                    "afresh, or choose another --output (or --run-name)")
+            print(f"[{config.stage}] --restart: discarding checkpoints made with other settings "
+                  f"({'; '.join(changed)})", flush=True)
+            fs.rm(run_folder, recursive=True)
+    fs.makedirs(run_folder, exist_ok=True)
+    fs.pipe_file(record, json.dumps(settings, indent=2, sort_keys=True).encode())
+
+
 def train_stage(config: TrainConfig) -> TrainSummary:
     """Train config.stage on its shards with Ray Train and write the run's weights file."""
     started = time.perf_counter()
-    previous = load_weights(config.previous_weights) if config.previous_weights else None
+    previous = load_weights_from(config.previous_weights, config.storage_options) \
+        if config.previous_weights else None
     _check_shards(config)
+    settings = run_settings(config)
+    _check_resume(config, settings)
     init_ray(dashboard=True)
     if config.cpus_per_worker is None:
         config = replace(config, cpus_per_worker=_default_cpus_per_worker(config.num_workers))
@@ -451,8 +500,9 @@ def train_stage(config: TrainConfig) -> TrainSummary:
     stages[config.stage] = net.eval()
     previous_info = ({"source": previous.source, "sha256": previous.sha256,
                       "name": previous.provenance.get("name")} if previous else None)
-    path = _write_weights(config, stages, _provenance(config, samples, history[-1], history,
-                                                      previous_info))
+    provenance = _provenance(config, samples, history[-1], history, previous_info)
+    provenance["settings"] = settings
+    path = _write_weights(config, stages, provenance)
     summary = TrainSummary(path, history[-1], history, samples, time.perf_counter() - started)
     print(f"[{config.stage}] done in {summary.seconds:.0f} s: {redact_text(path)} "
           f"({json.dumps({k: round(v, 4) for k, v in history[-1].items() if isinstance(v, float)})})",

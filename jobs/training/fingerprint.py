@@ -1,0 +1,87 @@
+"""What made a stage's samples, checkpoints and weights: compared before anything is reused.
+
+A run is resumed, and a recipe reuses a stage's samples or weights, only when the settings that
+determine the result are the same as those that made it. Operational settings (where output goes,
+how many workers, retries, logging) may change between attempts; everything else may not, and a
+difference is named rather than resumed silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from ..redaction import redact
+
+#: TrainConfig fields that change how a run is carried out, not what it learns.
+OPERATIONAL_TRAIN_FIELDS = frozenset({
+    "output", "num_workers", "use_gpu", "cpus_per_worker", "storage_path", "run_name",
+    "max_failures", "storage_options", "log_every", "inject_failure_at_epoch", "restart",
+})
+
+#: PrepareConfig fields that change how samples are made, not which.
+OPERATIONAL_PREPARE_FIELDS = frozenset({"output", "batch_size", "concurrency", "overwrite",
+                                        "storage_options", "address"})
+
+#: File in a Ray Train run folder with the settings the run was started with.
+RUN_SETTINGS_FILE = "mtcnn_settings.json"
+
+
+class SettingsChanged(ValueError):
+    """Earlier results were made with other settings; the message names the differences."""
+
+
+def _plain(value):
+    """JSON-comparable form: tuples as lists, dataclasses as dicts."""
+    return json.loads(json.dumps(value, default=lambda v: dataclasses.asdict(v)
+                                 if dataclasses.is_dataclass(v) else str(v)))
+
+
+def digest(value) -> str:
+    """Short stable hash of a JSON-able value."""
+    return hashlib.sha256(json.dumps(_plain(value), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_settings(config, weights_sha256: str | None) -> dict:
+    """The settings that determine a stage's samples: its prepare config less operational fields,
+    with the mining weights known by their hash (a retrained stage keeps its path)."""
+    fields = {name: value for name, value in dataclasses.asdict(config).items()
+              if name not in OPERATIONAL_PREPARE_FIELDS}
+    fields["weights"] = weights_sha256
+    if weights_sha256 is None:
+        fields["mining"] = None  # P-Net samples are not mined
+    return redact(_plain(fields))
+
+
+def train_settings(config, data_settings: dict | None, previous_sha256: str | None) -> dict:
+    """The settings that determine a stage run's result: its config less operational fields,
+    what made its samples, and the earlier stages it ships with."""
+    fields = {name: value for name, value in dataclasses.asdict(config).items()
+              if name not in OPERATIONAL_TRAIN_FIELDS}
+    # The samples are known by what made them, not by their folder: new shards in the same
+    # folder are other data, and the same recipe in another output folder is the same data.
+    fields.pop("data", None)
+    fields["samples"] = digest(data_settings) if data_settings is not None else f"unknown ({config.data})"
+    fields["previous_weights"] = previous_sha256
+    return redact(_plain(fields))
+
+
+def differences(earlier: dict | None, now: dict) -> list[str]:
+    """Human-readable differences 'key: earlier -> now' between two settings records."""
+    if earlier is None:
+        return ["settings of the earlier run unknown (made by an older version)"]
+    keys = sorted(set(earlier) | set(now))
+    missing = object()
+    changed = []
+    for key in keys:
+        before, after = earlier.get(key, missing), now.get(key, missing)
+        if before != after:
+            changed.append(f"{key}: {'(none)' if before is missing else _short(before)} -> "
+                           f"{'(none)' if after is missing else _short(after)}")
+    return changed
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
