@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,22 @@ def test_conversion_reorders_dense_inputs_from_whc(name):
     naive.load_state_dict(convert_reference_state(name, state).state_dict())
     naive.dense[1].weight.data = state[f"{'dense4' if name == 'rnet' else 'dense5'}.weight"]
     assert not torch.allclose(naive(x).face_logits, expected, atol=1e-2)
+
+
+def test_the_shared_data_recipe_cascade_ships_with_its_recipe_and_figures():
+    import cv2
+    import yaml
+
+    from mtcnn import FaceDetector
+
+    weights = load_weights("shared-data-recipe")
+    assert sorted(weights.stages) == ["onet", "pnet", "rnet"]
+    provenance = weights.provenance
+    # The header's config is the shipped recipe's: same data and stage settings.
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "shared-data.yaml").read_text())
+    assert yaml.safe_load(provenance["config_yaml"]) == shipped
+    assert provenance["stages"]["onet"]["config"]["epochs"] == shipped["stages"]["onet"]["epochs"]
+    assert set(provenance["evaluation"]["wider"]["ap"]) == {"easy", "medium", "hard"}
+    image = cv2.cvtColor(cv2.imread(str(Path(__file__).parent / "data" / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    found = FaceDetector(weights="shared-data-recipe").detect([image])[0]
+    assert len(found) >= 1 and found.scores.max() > 0.9
