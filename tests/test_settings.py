@@ -90,8 +90,9 @@ def test_train_recipe_yaml_sets_defaults_and_flags_override_every_stage(tmp_path
                            "  pnet: {epochs: 14, learning_rate_decay: 0.85, negative_iou: 0.3}\n"
                            "  rnet: {epochs: 12}\n")
     seen = {}
-    def fake_run(config, output):
+    def fake_run(config, output, restart=False):
         seen["run"] = (config, output)
+        seen["restart"] = restart
         return recipe.RecipeSummary("weights.safetensors", {}, 0.0)
 
     monkeypatch.setattr(recipe, "run_recipe", fake_run)
