@@ -39,14 +39,20 @@ def tiny_photo(path: Path) -> None:
     cv2.imwrite(str(path), cv2.resize(crop, (160, 120), interpolation=cv2.INTER_AREA))
 
 
+#: Hard links made of one copy of the photo (file systems cap links per file: ext4 at 65,000).
+LINKS_PER_COPY = 50_000
+
+
 def make_folder(root: Path, count: int, per_folder: int = 1000) -> Path:
     """count hard links of one photo in folders of per_folder; the top folder."""
-    source = root / "photo.png"
     top = root / "images"
     if top.exists():
         return top  # made by an earlier run with this --work folder
-    tiny_photo(source)
+    # ext4 allows 65,000 links to one file: every LINKS_PER_COPY links get a copy of their own.
     for index in range(count):
+        if index % LINKS_PER_COPY == 0:
+            source = root / f"photo-{index // LINKS_PER_COPY}.png"
+            tiny_photo(source)
         folder = top / f"{index // per_folder:04d}"
         if index % per_folder == 0:
             folder.mkdir(parents=True, exist_ok=True)
