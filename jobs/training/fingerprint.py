@@ -82,6 +82,15 @@ def differences(earlier: dict | None, now: dict) -> list[str]:
     return changed
 
 
+def refuse_unless_restart(earlier: dict | None, now: dict, restart: bool, what: str, remedy: str) -> str:
+    """The differences as one line (for the log of a restart); raises SettingsChanged naming them
+    as "{what} with other settings (...); pass --restart to {remedy}" unless restart."""
+    changed = "; ".join(differences(earlier, now))
+    if not restart:
+        raise SettingsChanged(f"{what} with other settings ({changed}); pass --restart to {remedy}")
+    return changed
+
+
 def _short(value) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."

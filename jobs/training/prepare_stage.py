@@ -26,6 +26,7 @@ from mtcnn.annotations import FACE_FORMATS, FaceSourceError, face_format, from_t
 from mtcnn.annotations import to_table as annotation_table
 from mtcnn.detector import DetectorConfig
 from mtcnn.nets import stage_spec
+from mtcnn.weights import CascadeWeights
 
 from ..decode import read_rgb
 from ..redaction import public_path, redact, redact_text
@@ -307,10 +308,11 @@ def _prepare_output(config: PrepareConfig) -> tuple[object, str]:
     return fs, root
 
 
-def _check_weights(config: PrepareConfig) -> None:
-    """Fail before any work when the weights lack the stages that mine this stage's samples."""
+def _mining_weights(config: PrepareConfig) -> CascadeWeights | None:
+    """The weights that mine this stage's samples (None for P-Net), loaded once; fails before any
+    work when they cannot be read or lack the stages needed."""
     if config.mined_by is None:
-        return
+        return None
     try:
         weights = load_weights_from(config.weights, config.storage_options)
     except Exception as error:  # noqa: BLE001 - reported with what to pass instead
@@ -320,6 +322,7 @@ def _check_weights(config: PrepareConfig) -> None:
     if missing:
         raise PrepareError(f"--weights {config.weights} lack {missing}, which mine {config.stage} samples; "
                            f"they hold {sorted(weights.stages)}")
+    return weights
 
 
 def prepare_stage(config: PrepareConfig) -> PrepareSummary:
@@ -330,7 +333,7 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
     from ..ray_env import init_ray
 
     started = time.perf_counter()
-    _check_weights(config)
+    weights = _mining_weights(config)
     faces, landmarks = read_inputs(config)
     if not faces and not landmarks:
         raise PrepareError("the annotation files list no images")
@@ -350,8 +353,7 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
         SampleMaker, batch_size=config.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=min(concurrency, blocks)), num_cpus=1,
         fn_constructor_kwargs={"samples": samples, "augment": config.augment, "seed": config.seed,
-                               "weights": load_weights_from(config.weights, config.storage_options)
-                               if config.mined_by else None, "mining": config.mining,
+                               "weights": weights, "mining": config.mining,
                                "storage_options": config.storage_options})
     # Writers take no CPU: the actors hold every CPU until the last image, and the shards
     # should land as they come rather than wait in the object store. A few thousand rows per
@@ -368,11 +370,12 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
     empty = [public_path(a.path) for a in faces + landmarks if public_path(a.path) not in sources]
     summary = PrepareSummary(config.stage, stage_folder(config.output, config.stage), counts, len(faces),
                              len(landmarks), empty, time.perf_counter() - started, len(shards))
-    _write_summary(fs, root, config, samples, summary)
+    _write_summary(fs, root, config, samples, summary, weights.sha256 if weights else None)
     return summary
 
 
-def _write_summary(fs, root: str, config: PrepareConfig, samples: SampleConfig, summary: PrepareSummary) -> None:
+def _write_summary(fs, root: str, config: PrepareConfig, samples: SampleConfig, summary: PrepareSummary,
+                   weights_sha256: str | None) -> None:
     """Record the run next to its shards (secrets in options and paths redacted)."""
     record = redact({
         "stage": summary.stage, "counts": summary.counts, "seconds": round(summary.seconds, 3),
@@ -384,10 +387,8 @@ def _write_summary(fs, root: str, config: PrepareConfig, samples: SampleConfig, 
         "weights": config.weights, "seed": config.seed, "faces": config.faces, "landmarks": config.landmarks,
         "storage_options": config.storage_options,
     })
-    record["weights_sha256"] = None
-    if config.mined_by:
-        record["weights_sha256"] = load_weights_from(config.weights, config.storage_options).sha256
-    record["settings"] = prepare_settings(config, record["weights_sha256"])
+    record["weights_sha256"] = weights_sha256
+    record["settings"] = prepare_settings(config, weights_sha256)
     with fs.open(root.rstrip("/") + "/" + SUMMARY_FILE, "w") as handle:
         json.dump(record, handle, indent=2, default=str)
 

@@ -17,7 +17,7 @@ from ..redaction import redact, redact_text
 from ..settings import build, merge, read_yaml
 from ..storage import filesystem, is_remote, is_url, join
 from ..stored_weights import WEIGHTS_FILE, load_weights_from
-from .fingerprint import SettingsChanged, differences, prepare_settings
+from .fingerprint import prepare_settings, refuse_unless_restart
 from .samples import SampleConfig
 from .schema import SUMMARY_FILE, stage_folder
 from .trainer import TrainConfig, TrainSummary, run_settings, train_stage
@@ -179,12 +179,9 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: str, weights: str |
             print(f"[recipe] {stage}: reusing samples in {redact_text(folder)} ({record['counts']})",
                   flush=True)
             return {"counts": record["counts"], "prepare_seconds": record["seconds"], "reused": True}
-        changed = "; ".join(differences(record.get("settings"), wanted))
-        if not restart:
-            raise SettingsChanged(
-                f"{stage}: the samples in {redact_text(folder)} were made with other settings "
-                f"({changed}); pass --restart to make them again (and retrain from there), "
-                "or choose another --output")
+        changed = refuse_unless_restart(
+            record.get("settings"), wanted, restart, f"{stage}: the samples in {redact_text(folder)} were made",
+            "make them again (and retrain from there), or choose another --output")
         print(f"[recipe] {stage}: --restart: making samples again ({changed})", flush=True)
     print(f"[recipe] {stage}: preparing samples"
           f"{f' mined with {redact_text(weights)}' if weights else ''}", flush=True)
@@ -214,11 +211,9 @@ def _train(config: RecipeConfig, stage: str, samples_root: str, run_folder: str,
         if earlier == wanted:
             print(f"[recipe] {stage}: reusing trained weights in {redact_text(run_folder)}", flush=True)
             return None
-        changed = "; ".join(differences(earlier, wanted))
-        if not restart:
-            raise SettingsChanged(
-                f"{stage}: the weights in {redact_text(run_folder)} were trained with other settings "
-                f"({changed}); pass --restart to train again, or choose another --output")
+        changed = refuse_unless_restart(
+            earlier, wanted, restart, f"{stage}: the weights in {redact_text(run_folder)} were trained",
+            "train again, or choose another --output")
         print(f"[recipe] {stage}: --restart: training again ({changed})", flush=True)
     return train_stage(train)
 

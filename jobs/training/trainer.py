@@ -30,7 +30,7 @@ from ..redaction import redact, redact_text
 from ..storage import filesystem, is_remote, join
 from ..stored_weights import WEIGHTS_FILE, load_weights_from
 from .batch_augment import BatchAugmentConfig, augment_batch
-from .fingerprint import RUN_SETTINGS_FILE, SettingsChanged, differences, train_settings
+from .fingerprint import RUN_SETTINGS_FILE, refuse_unless_restart, train_settings
 from .losses import STAGE_TASK_WEIGHTS, LossTerms, multitask_loss
 from .schema import SUMMARY_FILE
 
@@ -446,15 +446,13 @@ def _check_resume(config: TrainConfig, settings: dict) -> None:
     if fs.exists(run_folder) and fs.ls(run_folder):
         earlier = json.loads(fs.cat_file(record)) if fs.exists(record) else None
         if earlier != settings:
-            changed = differences(earlier, settings)
-            if not config.restart:
-                raise SettingsChanged(
-                    f"{config.stage}: run {config.run_name or config.stage!r} in "
-                    f"{redact_text(config.checkpoint_storage)} was started with other settings "
-                    f"({'; '.join(changed)}); pass --restart to discard its checkpoints and train "
-                    "afresh, or choose another --output (or --run-name)")
+            changed = refuse_unless_restart(
+                earlier, settings, config.restart,
+                f"{config.stage}: run {config.run_name or config.stage!r} in "
+                f"{redact_text(config.checkpoint_storage)} was started",
+                "discard its checkpoints and train afresh, or choose another --output (or --run-name)")
             print(f"[{config.stage}] --restart: discarding checkpoints made with other settings "
-                  f"({'; '.join(changed)})", flush=True)
+                  f"({changed})", flush=True)
             fs.rm(run_folder, recursive=True)
     fs.makedirs(run_folder, exist_ok=True)
     fs.pipe_file(record, json.dumps(settings, indent=2, sort_keys=True).encode())
