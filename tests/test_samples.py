@@ -9,6 +9,7 @@ import pytest
 
 from jobs.training.samples import (DISCARD, SampleConfig, crop_windows, face_samples, iou, label_windows,
                                    landmark_samples, proposal_windows, to_table)
+from mtcnn.annotations import DETECTOR_WINDOW_RULE, box_from_points
 from mtcnn.box_coder import encode_boxes, encode_landmarks
 from jobs.training.schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA
 
@@ -191,7 +192,7 @@ def test_mined_windows_are_labelled_and_topped_up():
 
 def test_landmark_samples_hold_every_point():
     image, boxes, ignore, points = scene()
-    config = SampleConfig(stage="onet", landmark_samples_per_image=30)
+    config = SampleConfig(stage="onet", landmark_samples_per_image=30, landmark_windows="annotated")
     samples = landmark_samples(image, boxes, points, ignore, config, np.random.default_rng(2))
     assert len(samples) == 30 and (samples.kinds == LANDMARK).all()
     assert (samples.landmarks >= 0).all() and (samples.landmarks < 1).all()
@@ -202,6 +203,28 @@ def test_landmark_samples_hold_every_point():
         side = np.array([window[2] - window[0], window[3] - window[1]], np.float32)
         restored = np.stack([target[:5], target[5:]], axis=1) * side + window[:2]
         np.testing.assert_allclose(restored, points[1], atol=1e-3)
+
+
+def test_landmark_windows_follow_the_detectors_frame():
+    # The default draws landmark windows around the window O-Net gets at detection time, derived
+    # from the five points: larger than the annotated box and centred higher.
+    image, boxes, ignore, points = scene()
+    config = SampleConfig(stage="onet", landmark_samples_per_image=200)
+    samples = landmark_samples(image, boxes, points, ignore, config, np.random.default_rng(3))
+    face = points[1]
+    frame = box_from_points(face[0], face[1], (face[3] + face[4]) / 2, DETECTOR_WINDOW_RULE)
+    assert len(samples) > 100
+    assert (iou(samples.windows, frame)[:, 0] > 0.65).all()
+    sides = samples.windows[:, 2] - samples.windows[:, 0]
+    centres = (samples.windows[:, 1] + samples.windows[:, 3]) / 2
+    assert np.median(sides) == pytest.approx(frame[0, 2] - frame[0, 0], rel=0.1)
+    assert np.median(centres) == pytest.approx((frame[0, 1] + frame[0, 3]) / 2, abs=0.05 * sides.mean())
+    annotated = landmark_samples(image, boxes, points, ignore,
+                                 SampleConfig(stage="onet", landmark_samples_per_image=200,
+                                              landmark_windows="annotated"), np.random.default_rng(3))
+    assert np.median(sides) > 1.1 * np.median(annotated.windows[:, 2] - annotated.windows[:, 0])
+    with pytest.raises(ValueError, match="landmark_windows"):
+        SampleConfig(landmark_windows="list")
 
 
 def test_samples_are_seeded():
