@@ -15,6 +15,7 @@ from torch.profiler import record_function
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .box_coder import crop_regions, decode_boxes, decode_landmarks
 from .boxes import batched_nms, crop_resize, host_integral_image, integral_image, square
 from .inference import ProposalNet, WindowNet
@@ -185,6 +186,8 @@ class FaceDetector:
         # On CPUs the pyramid, summed-area tables and NMS use OpenCV's C++ kernels; elsewhere
         # everything stays in torch on the device.
         self._host_kernels = self.device.type == "cpu"
+        if self._host_kernels:
+            keep_freed_memory()  # large activations reused, not faulted in anew per chunk
         self._stage_batch_size = int(self.config.stage_batch_size or (64 if self._host_kernels else 2048))
         memory_format = torch.channels_last if self._host_kernels else torch.contiguous_format
         self._nets = {}
