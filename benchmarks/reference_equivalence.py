@@ -5,7 +5,7 @@ weights, min face 20) and runs FaceDetector with the same parameters on the same
 face with score >= 0.9 is reproduced when a detection has IoU >= 0.9 with it, a score within 0.01
 and every landmark within 2 px.
 
-    python benchmarks/reference_equivalence.py [--pyramid classic] [--limit N]
+    python benchmarks/reference_equivalence.py [--pyramid classic] [--precision fp32] [--limit N]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from mtcnn import FaceDetector
 from mtcnn.box_coder import box_iou
+from mtcnn.detector import PRECISIONS
 from mtcnn.pyramid import PYRAMIDS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -63,10 +64,12 @@ def main() -> int:
     parser.add_argument("--pyramid", default="classic", choices=PYRAMIDS)
     parser.add_argument("--limit", type=int, default=None, help="images per set")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="the nets' arithmetic (bf16: how far reduced precision moves the faces)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    detector = FaceDetector(weights="reference", pyramid=args.pyramid, min_face_size=20,
+    detector = FaceDetector(weights="reference", pyramid=args.pyramid, min_face_size=20, precision=args.precision,
                             thresholds=(0.6, 0.7, 0.7), scale_factor=0.709)
     for name, (jsonl, folder) in SETS.items():
         lines = (DATA / "reference_mtcnn" / jsonl).read_text().splitlines()[: args.limit]
@@ -88,7 +91,7 @@ def main() -> int:
                 print(f"  {name}: {number}/{len(lines)} images", file=sys.stderr)
         seconds = time.perf_counter() - start
         rate = reproduced / total if total else float("nan")
-        print(f"{name} ({args.pyramid}): {reproduced}/{total} reference faces (score >= 0.9) "
+        print(f"{name} ({args.pyramid}, {args.precision}): {reproduced}/{total} reference faces (score >= 0.9) "
               f"reproduced = {rate:.2%}; not reproduced by reason: {failures or 'none'}; "
               f"{len(lines)} images in {seconds:.1f} s")
     return 0

@@ -56,7 +56,7 @@ class DetectorConfig:
     concurrent_images: bool = True
     #: Arithmetic of the three nets' bodies. "fp32" (the default) is exact: the classic pyramid
     #: then reproduces the reference. "bf16" runs the convolutions and dense layers in bfloat16
-    #: (heads, boxes and NMS stay fp32); on CPUs only in O-Net, the one net it speeds up there.
+    #: (heads, boxes and NMS stay fp32); on CPUs through oneDNN's prepacked bf16 modules.
     #: Its AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py.
     precision: str = "fp32"
 
@@ -194,10 +194,16 @@ class FaceDetector:
         for name, stage in self.weights.stages.items():
             net = ProposalNet(stage) if name == "pnet" else WindowNet(stage)
             net = net.to(self.device, memory_format=memory_format).eval()
-            # On this project's CPUs (AVX-512 BF16) oneDNN's bf16 convolutions measured faster only
-            # for O-Net (about 1.5x); P-Net and R-Net, with few channels, ran 1.4x and 2x slower.
-            if self.config.precision == "bf16" and (name == "onet" or not self._host_kernels):
-                self._nets[name] = net.use_bfloat16()
+            if self.config.precision == "bf16":
+                # On CPUs through oneDNN's prepacked bf16 modules: eager bf16 there is slower than
+                # fp32 (torch's bf16 PReLU and pooling take scalar paths).
+                if not self._host_kernels:
+                    net = net.use_bfloat16()
+                elif name == "pnet":
+                    net = net.prepack_bfloat16_for_cpu()
+                else:
+                    net = net.prepack_for_cpu(torch.bfloat16)
+                self._nets[name] = net
                 continue
             # Prepacked oneDNN weights pay off for the many small window batches, not for P-Net's
             # few large levels (measured slower there).

@@ -32,6 +32,19 @@ def _face_direction(classifier_weight: torch.Tensor, classifier_bias: torch.Tens
     return weight[1] - weight[0], classifier_bias[1] - classifier_bias[0]
 
 
+def onednn_body(body: nn.Sequential, dtype: torch.dtype) -> nn.Sequential | None:
+    """The conv body with its weights held in oneDNN's own layout and dtype (CPU only), or None where torch cannot."""
+    try:
+        with warnings.catch_warnings():
+            # Its modules are TorchScript ones, which torch now flags as deprecated.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.utils import mkldnn
+
+            return mkldnn.to_mkldnn(body, dtype)
+    except Exception:  # noqa: BLE001 - an optimisation only; eager is always correct
+        return None
+
+
 class ChannelsLastPReLU(nn.Module):
     """PReLU that stays fast on channels_last activations with few channels (same values).
 
@@ -86,6 +99,7 @@ class ProposalNet(nn.Module):
         self.register_buffer("box_weight", pnet.box_regression.weight.detach().reshape(4, -1).t().clone())
         self.register_buffer("box_bias", pnet.box_regression.bias.detach().clone())
         self._body_dtype = torch.float32
+        self._onednn_dtype: torch.dtype | None = None
 
     def use_bfloat16(self) -> "ProposalNet":
         """Run the conv body in bfloat16 (faster where the CPU or GPU has bf16 units); heads stay fp32."""
@@ -93,10 +107,28 @@ class ProposalNet(nn.Module):
         self._body_dtype = torch.bfloat16
         return self
 
+    def prepack_bfloat16_for_cpu(self) -> "ProposalNet":
+        """The conv body in bfloat16 through oneDNN's prepacked modules (CPU only); heads stay fp32.
+
+        On AVX-512 BF16 CPUs about 1.9x faster than fp32 on a 720p level. Eager bf16 is slower
+        than fp32 there: torch's bf16 PReLU and pooling take scalar paths. Where torch cannot
+        prepack, the body runs in eager bf16 (same values, slower).
+        """
+        packed = onednn_body(self.body, torch.bfloat16)
+        if packed is None:
+            return self.use_bfloat16()
+        self.body, self._onednn_dtype = packed, torch.bfloat16
+        return self
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (N, H, W, 32) and face logits (N, H, W) for a batch of 0-255 images."""
         # The face and box heads are one small GEMM each: kept in fp32, so only the body rounds.
-        features = self.body(pixels.to(self._body_dtype)).permute(0, 2, 3, 1).float()  # free in NHWC
+        if self._onednn_dtype is not None:
+            # oneDNN hands back plain NCHW: one copy to NHWC for the heads.
+            out = self.body(pixels.to_mkldnn(self._onednn_dtype)).to_dense(torch.float32)
+            features = out.permute(0, 2, 3, 1).contiguous()
+        else:
+            features = self.body(pixels.to(self._body_dtype)).permute(0, 2, 3, 1).float()  # free in NHWC
         logits = (features.reshape(-1, features.shape[-1]) @ self.face_weight).reshape(
             features.shape[:3]) + self.face_bias
         return features, logits
@@ -132,43 +164,39 @@ class WindowNet(nn.Module):
             biases.append(stage.landmarks.bias.detach())
         self.register_buffer("head_weight", torch.cat(weights).t().contiguous())
         self.register_buffer("head_bias", torch.cat(biases))
-        self._onednn_body = False
+        self._onednn_dtype: torch.dtype | None = None
         self._bfloat16 = False
 
     def use_bfloat16(self) -> "WindowNet":
         """Run the conv body and dense layer in bfloat16; the fused head GEMM stays fp32."""
-        # oneDNN's prepacked modules cannot mix a bf16 body with fp32 PReLU slopes: stay eager.
         self.body = self.body.to(torch.bfloat16)
         self.dense = self.dense.to(torch.bfloat16)
-        self._onednn_body = False
+        self._onednn_dtype = None
         self._bfloat16 = True
         return self
 
-    def prepack_for_cpu(self) -> "WindowNet":
-        """Hold the conv body's weights in oneDNN's own layout (CPU only, after moving there).
+    def prepack_for_cpu(self, dtype: torch.dtype = torch.float32) -> "WindowNet":
+        """Hold the conv body's weights in oneDNN's own layout, in fp32 or bf16 (CPU only, after moving there).
 
         Eager convolutions re-lay out their weights on every call; R-Net runs in many small
         chunks per image, so keeping them prepacked makes it about 12% faster on one thread.
-        Where torch cannot do it, the body stays as it is (same results, a little slower).
+        In bf16 the prepacked body is 1.6x (R-Net) and 1.9x (O-Net) faster than fp32 on AVX-512
+        BF16 CPUs, where eager bf16 is slower (scalar bf16 PReLU and pooling). The dense layer
+        and heads stay fp32. Where torch cannot prepack, fp32 stays eager (same results, a little
+        slower) and bf16 runs eager.
         """
-        try:
-            with warnings.catch_warnings():
-                # Its modules are TorchScript ones, which torch now flags as deprecated.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                from torch.utils import mkldnn
-
-                self.body = mkldnn.to_mkldnn(self.body)
-        except Exception:  # noqa: BLE001 - an optimisation only; eager is always correct
-            return self
-        self._onednn_body = True
+        packed = onednn_body(self.body, dtype)
+        if packed is None:
+            return self.use_bfloat16() if dtype == torch.bfloat16 else self
+        self.body, self._onednn_dtype = packed, dtype
         return self
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Face probability (N,), box offsets (N, 4) and landmarks (N, 10) or None."""
         if self._bfloat16:
             dense = self.dense(self.body(pixels.to(torch.bfloat16))).float()
-        elif self._onednn_body:
-            dense = self.dense(self.body(pixels.to_mkldnn()).to_dense())
+        elif self._onednn_dtype is not None:
+            dense = self.dense(self.body(pixels.to_mkldnn(self._onednn_dtype)).to_dense(torch.float32))
         else:
             dense = self.dense(self.body(pixels))
         out = torch.addmm(self.head_bias, dense, self.head_weight)

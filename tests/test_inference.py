@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mtcnn.inference import ChannelsLastPReLU, MaxPool2x2, ProposalNet, WindowNet
@@ -53,15 +54,19 @@ def test_prepacked_window_nets_give_the_same_outputs():
 def test_prepacking_falls_back_to_the_eager_body(monkeypatch):
     from torch.utils import mkldnn
 
-    def unavailable(module):
+    def unavailable(module, dtype=torch.float32):
         raise RuntimeError("oneDNN is not built into this torch")
 
     monkeypatch.setattr(mkldnn, "to_mkldnn", unavailable)
-    stage = load_weights("reference").stages["rnet"]
-    net = WindowNet(stage).eval().prepack_for_cpu()
+    stages = load_weights("reference").stages
+    net = WindowNet(stages["rnet"]).eval().prepack_for_cpu()
     with torch.inference_mode():
         probability, _, _ = net(torch.zeros(2, 3, 24, 24))
-    assert probability.shape == (2,) and not net._onednn_body
+    assert probability.shape == (2,) and net._onednn_dtype is None
+    # bf16 falls back to eager bf16, P-Net too.
+    assert WindowNet(stages["onet"]).prepack_for_cpu(torch.bfloat16)._bfloat16
+    pnet = ProposalNet(stages["pnet"]).prepack_bfloat16_for_cpu()
+    assert pnet._onednn_dtype is None and pnet._body_dtype == torch.bfloat16
 
 
 def test_cpu_prelu_and_pooling_forms_give_identical_values():
@@ -96,20 +101,27 @@ def test_proposal_net_with_cpu_kernels_matches_the_plain_one():
                 assert torch.equal(got, expected)
 
 
-def test_bfloat16_nets_stay_close_to_fp32():
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_bfloat16_nets_stay_close_to_fp32(prepacked):
+    # Eager bf16 (GPUs) and oneDNN's prepacked bf16 modules (CPUs): rounded, not wrong.
     stages = load_weights("reference").stages
     torch.manual_seed(2)
     with torch.inference_mode():
-        pixels = torch.randint(0, 256, (2, 3, 40, 52)).float()
-        _, exact = ProposalNet(stages["pnet"])(pixels)
-        _, rounded = ProposalNet(stages["pnet"]).use_bfloat16()(pixels)
-        assert rounded.dtype == torch.float32
+        pixels = torch.randint(0, 256, (2, 3, 40, 52)).float().contiguous(memory_format=torch.channels_last)
+        features, exact = ProposalNet(stages["pnet"])(pixels)
+        pnet = ProposalNet(stages["pnet"])
+        rounded_features, rounded = (pnet.prepack_bfloat16_for_cpu() if prepacked else pnet.use_bfloat16())(pixels)
+        assert rounded.dtype == torch.float32 and rounded_features.shape == features.shape
         assert (torch.sigmoid(rounded) - torch.sigmoid(exact)).abs().max() < 0.05
+        assert (rounded_features - features).abs().max() < 0.05 * features.abs().max()
         for name in ("rnet", "onet"):
             size = STAGES[name].input_size
-            pixels = torch.randint(0, 256, (6, 3, size, size)).float()
-            for got, want in zip(WindowNet(stages[name]).use_bfloat16()(pixels), WindowNet(stages[name])(pixels)):
+            pixels = torch.randint(0, 256, (6, 3, size, size)).float().contiguous(memory_format=torch.channels_last)
+            net = WindowNet(stages[name])
+            net = net.prepack_for_cpu(torch.bfloat16) if prepacked else net.use_bfloat16()
+            for got, want in zip(net(pixels), WindowNet(stages[name])(pixels)):
                 if want is None:
                     assert got is None
                 else:
                     assert got.dtype == torch.float32 and (got - want).abs().max() < 0.05
+                    assert not torch.equal(got, want)  # bf16 really ran
