@@ -9,11 +9,11 @@ from mtcnn import DetectorConfig
 from .settings import add_config_arguments, build, given_under
 
 #: The DetectorConfig fields the commands expose; the others keep their defaults.
-DETECTOR_FLAGS = ("min_face_size", "thresholds", "scale_factor", "pyramid")
+DETECTOR_FLAGS = ("min_face_size", "thresholds", "scale_factor", "pyramid", "precision")
 
 
 def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
-    """--weights and the DetectorConfig flags: --min-face-size, --thresholds, --scale-factor, --pyramid."""
+    """--weights and the DetectorConfig flags: --min-face-size, --thresholds, --scale-factor, --pyramid, --precision."""
     parser.add_argument("--weights", default="reference",
                         help="'reference', a weights file, or a training run folder")
     add_config_arguments(parser, DetectorConfig, only=DETECTOR_FLAGS, dest_prefix="detector.")

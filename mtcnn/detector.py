@@ -58,7 +58,9 @@ class DetectorConfig:
     #: then reproduces the reference. "bf16" runs the convolutions and dense layers in bfloat16
     #: (heads, boxes and NMS stay fp32); on CPUs through oneDNN's prepacked bf16 modules.
     #: Its AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py.
-    precision: str = "fp32"
+    precision: str = field(default="fp32", metadata={
+        "help": "the nets' arithmetic: fp32 (exact) or bf16 (faster on CPUs with AVX-512 BF16 and on GPUs)",
+        "choices": PRECISIONS})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))

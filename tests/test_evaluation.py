@@ -281,7 +281,7 @@ def local_run(tmp_path_factory):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = cli_main(["evaluate", "--wider", str(WIDER), "--landmarks",
                            str(DATA / "cnn_facepoint_5pt" / "testImageList.txt"), "--limit", "2",
-                           "--pyramid", "classic", "--output", str(output)])
+                           "--pyramid", "classic", "--precision", "bf16", "--output", str(output)])
     return status, out.getvalue(), err.getvalue(), output
 
 
@@ -292,7 +292,7 @@ def test_evaluate_command_end_to_end(local_run):
     assert "wider: 2/2 images" in err  # progress
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["weights"]["source"] == "reference" and len(metrics["weights"]["sha256"]) == 64
-    assert metrics["detector"]["pyramid"] == "classic"
+    assert metrics["detector"]["pyramid"] == "classic" and metrics["detector"]["precision"] == "bf16"
     assert metrics["wider"]["images"] == 2 and metrics["wider"]["detections"] > 0
     assert all(0.0 <= metrics["wider"]["ap"][s] <= 1.0 for s in SETTINGS)
     assert metrics["landmarks"]["num_faces"] == 2
