@@ -318,11 +318,11 @@ def local_ray():
 def test_evaluate_command_with_the_annotate_ray_job(tmp_path, capsys, local_run, local_ray):
     output = tmp_path / "ray"
     assert cli_main(["evaluate", "--wider", str(WIDER), "--limit", "2", "--pyramid", "classic", "--ray",
-                     "--batch-size", "1", "--output", str(output)]) == 0
+                     "--precision", "bf16", "--batch-size", "1", "--output", str(output)]) == 0
     assert "annotated 2 images" in capsys.readouterr().err
     local = json.loads((local_run[3] / "metrics.json").read_text())
     on_ray = json.loads((output / "metrics.json").read_text())
-    assert on_ray["detection"] == "annotate Ray job"
+    assert on_ray["detection"] == "annotate Ray job" and on_ray["detector"]["precision"] == "bf16"
     assert list((output / "annotate" / "wider" / "detections").glob("part-*.parquet"))
     # The same detector on the same pixels, whichever way it runs.
     assert on_ray["wider"]["detections"] == local["wider"]["detections"] > 0
