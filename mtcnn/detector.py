@@ -199,13 +199,7 @@ class FaceDetector:
             if self.config.precision == "bf16":
                 # On CPUs through oneDNN's prepacked bf16 modules: eager bf16 there is slower than
                 # fp32 (torch's bf16 PReLU and pooling take scalar paths).
-                if not self._host_kernels:
-                    net = net.use_bfloat16()
-                elif name == "pnet":
-                    net = net.prepack_bfloat16_for_cpu()
-                else:
-                    net = net.prepack_for_cpu(torch.bfloat16)
-                self._nets[name] = net
+                self._nets[name] = net.prepack_for_cpu(torch.bfloat16) if self._host_kernels else net.use_bfloat16()
                 continue
             # Prepacked oneDNN weights pay off for the many small window batches, not for P-Net's
             # few large levels (measured slower there).

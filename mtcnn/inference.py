@@ -107,17 +107,18 @@ class ProposalNet(nn.Module):
         self._body_dtype = torch.bfloat16
         return self
 
-    def prepack_bfloat16_for_cpu(self) -> "ProposalNet":
-        """The conv body in bfloat16 through oneDNN's prepacked modules (CPU only); heads stay fp32.
+    def prepack_for_cpu(self, dtype: torch.dtype = torch.bfloat16) -> "ProposalNet":
+        """The conv body through oneDNN's prepacked modules in dtype (CPU only); heads stay fp32.
 
-        On AVX-512 BF16 CPUs about 1.9x faster than fp32 on a 720p level. Eager bf16 is slower
-        than fp32 there: torch's bf16 PReLU and pooling take scalar paths. Where torch cannot
-        prepack, the body runs in eager bf16 (same values, slower).
+        In bf16 about 1.9x faster than fp32 on a 720p level of an AVX-512 BF16 CPU, where eager
+        bf16 is slower (torch's bf16 PReLU and pooling take scalar paths). In fp32 it measured
+        slower than use_cpu_kernels, which the detector uses there. Where torch cannot prepack,
+        bf16 runs eager (same values, slower) and fp32 stays as it is.
         """
-        packed = onednn_body(self.body, torch.bfloat16)
+        packed = onednn_body(self.body, dtype)
         if packed is None:
-            return self.use_bfloat16()
-        self.body, self._onednn_dtype = packed, torch.bfloat16
+            return self.use_bfloat16() if dtype == torch.bfloat16 else self
+        self.body, self._onednn_dtype = packed, dtype
         return self
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ def test_prepacking_falls_back_to_the_eager_body(monkeypatch):
     assert probability.shape == (2,) and net._onednn_dtype is None
     # bf16 falls back to eager bf16, P-Net too.
     assert WindowNet(stages["onet"]).prepack_for_cpu(torch.bfloat16)._bfloat16
-    pnet = ProposalNet(stages["pnet"]).prepack_bfloat16_for_cpu()
+    pnet = ProposalNet(stages["pnet"]).prepack_for_cpu(torch.bfloat16)
     assert pnet._onednn_dtype is None and pnet._body_dtype == torch.bfloat16
 
 
@@ -110,7 +110,7 @@ def test_bfloat16_nets_stay_close_to_fp32(prepacked):
         pixels = torch.randint(0, 256, (2, 3, 40, 52)).float().contiguous(memory_format=torch.channels_last)
         features, exact = ProposalNet(stages["pnet"])(pixels)
         pnet = ProposalNet(stages["pnet"])
-        rounded_features, rounded = (pnet.prepack_bfloat16_for_cpu() if prepacked else pnet.use_bfloat16())(pixels)
+        rounded_features, rounded = (pnet.prepack_for_cpu(torch.bfloat16) if prepacked else pnet.use_bfloat16())(pixels)
         assert rounded.dtype == torch.float32 and rounded_features.shape == features.shape
         assert (torch.sigmoid(rounded) - torch.sigmoid(exact)).abs().max() < 0.05
         assert (rounded_features - features).abs().max() < 0.05 * features.abs().max()

@@ -60,7 +60,8 @@ class SampleConfig:
     #: "detector": landmark windows are drawn around the window O-Net is handed at detection time
     #: (DETECTOR_WINDOW_RULE, from the five points), so the landmarks are learned in the frame they
     #: are predicted in. "annotated": around the list's own boxes, which are about 1.26x smaller
-    #: and centred lower; an O-Net trained so lost 0.071 -> 0.103 NME on the detector's windows.
+    #: and centred lower. Measured (benchmarks/landmark_frame.py): the cascade's median NME 0.093
+    #: -> 0.085, its mean 0.105 -> 0.102; O-Net's error in the detector's frame did not change.
     landmark_windows: str = field(default="detector", metadata={
         "help": "what landmark windows are drawn around", "choices": LANDMARK_WINDOWS})
     #: So every image contributes all kinds.
