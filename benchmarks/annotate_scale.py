@@ -133,7 +133,6 @@ def in_process_rate(images: Path, count: int) -> float:
 
 def committed_output(root: Path, manifest: Path, count: int) -> Path:
     """An OUTPUT holding one committed row for each of the manifest's first `count` paths."""
-    import pyarrow as pa
 
     from jobs.annotate_job import commit_rows
     from jobs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS

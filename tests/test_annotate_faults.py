@@ -175,7 +175,7 @@ def test_flaky_reads_are_retried_and_give_the_right_rows(tmp_path, monkeypatch):
 
 
 def test_transient_error_rows_are_redone_by_the_next_run(ray_session, tmp_path):
-    paths = photo_folder(tmp_path / "images", 3)
+    photo_folder(tmp_path / "images", 3)
     output = tmp_path / "out"
     output.mkdir()
     first = AnnotateConfig(str(tmp_path / "images"), str(output), show_progress=False)
