@@ -45,6 +45,15 @@ def onednn_body(body: nn.Sequential, dtype: torch.dtype) -> nn.Sequential | None
         return None
 
 
+def prepack_body(net, dtype: torch.dtype):
+    """Give net (P-, R- or O-Net) a oneDNN-prepacked body in dtype; where torch cannot, bf16 runs eager and fp32 stays."""
+    packed = onednn_body(net.body, dtype)
+    if packed is None:
+        return net.use_bfloat16() if dtype == torch.bfloat16 else net
+    net.body, net._onednn_dtype = packed, dtype
+    return net
+
+
 class ChannelsLastPReLU(nn.Module):
     """PReLU that stays fast on channels_last activations with few channels (same values).
 
@@ -115,11 +124,7 @@ class ProposalNet(nn.Module):
         slower than use_cpu_kernels, which the detector uses there. Where torch cannot prepack,
         bf16 runs eager (same values, slower) and fp32 stays as it is.
         """
-        packed = onednn_body(self.body, dtype)
-        if packed is None:
-            return self.use_bfloat16() if dtype == torch.bfloat16 else self
-        self.body, self._onednn_dtype = packed, dtype
-        return self
+        return prepack_body(self, dtype)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (N, H, W, 32) and face logits (N, H, W) for a batch of 0-255 images."""
@@ -186,11 +191,7 @@ class WindowNet(nn.Module):
         and heads stay fp32. Where torch cannot prepack, fp32 stays eager (same results, a little
         slower) and bf16 runs eager.
         """
-        packed = onednn_body(self.body, dtype)
-        if packed is None:
-            return self.use_bfloat16() if dtype == torch.bfloat16 else self
-        self.body, self._onednn_dtype = packed, dtype
-        return self
+        return prepack_body(self, dtype)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Face probability (N,), box offsets (N, 4) and landmarks (N, 10) or None."""
