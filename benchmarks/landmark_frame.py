@@ -1,13 +1,15 @@
 """Landmark error of a cascade's O-Net in three frames: its own detections, the reference's windows, the list's boxes.
 
-    python benchmarks/landmark_frame.py [--weights reference,shared-data-recipe] [--every 4]
+    python benchmarks/landmark_frame.py [--weights reference,shared-data-recipe] [--every 4] [--list FILE]
 
 On the 5-point test list (every --every-th face), per cascade:
 - "cascade": the landmarks of its full detection (what `mtcnn-jobs evaluate --landmarks` scores);
 - "reference windows": its O-Net on the reference cascade's squared R-Net windows of the face;
 - "list boxes": its O-Net on the list's annotated boxes, squared.
 An O-Net whose error grows from the list's boxes to the detector's windows learned its landmarks
-in a frame it is not handed at detection time (see SampleConfig.landmark_windows).
+in a frame it is not handed at detection time (see SampleConfig.landmark_windows). Given the
+train list (--list), the gap between its figures and the test list's is how far O-Net learned its
+training faces by heart.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def main() -> None:
                         help="cascades to compare, comma-separated (bundled names, files or run folders)")
     parser.add_argument("--every", type=int, default=4, help="take every N-th face of the test list")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--list", type=Path, default=TEST_LIST, help="5-point list to score on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    faces = read_facepoint_list(TEST_LIST)[:: args.every]
+    faces = read_facepoint_list(args.list)[:: args.every]
     reference = FaceDetector(weights="reference")
     windows = []  # the reference's R-Net window of each face, or None
     for face in faces:
@@ -56,7 +59,7 @@ def main() -> None:
         proposals = reference.propose([image], up_to="rnet")[0]
         match = match_faces(proposals.boxes, face.boxes, 0.3)[0]
         windows.append(proposals.boxes[match] if match >= 0 else None)
-    print(f"{len(faces)} faces of {TEST_LIST.name}; NME (mean distance over the inter-ocular distance), mean:")
+    print(f"{len(faces)} faces of {args.list.name}; NME (mean distance over the inter-ocular distance), mean:")
     print(f"{'weights':28s} {'cascade':>9s} {'reference windows':>18s} {'list boxes':>11s}")
     for weights in args.weights.split(","):
         detector = reference if weights == "reference" else FaceDetector(weights=weights)

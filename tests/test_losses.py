@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from jobs.training.losses import (LANDMARK, NEGATIVE, PART, POSITIVE, STAGE_TASK_WEIGHTS,
                                   box_loss, classification_loss, hardest_samples, landmark_loss,
-                                  multitask_loss)
+                                  multitask_loss, task_weights)
 from mtcnn.nets import StageOutput, build_stage
 
 KINDS = torch.tensor([NEGATIVE, POSITIVE, PART, LANDMARK, NEGATIVE, POSITIVE, PART, LANDMARK])
@@ -84,6 +84,17 @@ def test_task_weights_combine_terms_per_stage():
                     + weights.landmarks * terms.landmarks)
         assert torch.allclose(terms.total, expected), stage
     assert STAGE_TASK_WEIGHTS["onet"].landmarks == 1.0 and STAGE_TASK_WEIGHTS["pnet"].landmarks == 0.5
+
+
+def test_a_landmark_weight_replaces_only_the_landmark_term():
+    logits, boxes, marks, box_targets, mark_targets = _random_batch(4)
+    output = StageOutput(logits, boxes, marks)
+    assert task_weights("onet") == STAGE_TASK_WEIGHTS["onet"]
+    heavier = task_weights("onet", 4.0)
+    assert (heavier.classification, heavier.box, heavier.landmarks) == (1.0, 0.5, 4.0)
+    paper = multitask_loss(output, KINDS, box_targets, mark_targets, task_weights("onet"))
+    weighted = multitask_loss(output, KINDS, box_targets, mark_targets, heavier)
+    assert torch.allclose(weighted.total - paper.total, 3.0 * paper.landmarks)
 
 
 def test_works_on_real_stage_outputs_of_every_net():

@@ -174,6 +174,19 @@ def test_a_run_started_with_other_settings_is_refused_naming_them_or_restarted(r
     assert provenance["settings"]["learning_rate"] == 1e-3
 
 
+def test_a_setting_added_later_matches_runs_recorded_before_it_until_it_is_set(pnet_shards, tmp_path):
+    from jobs.training.fingerprint import differences, train_settings
+
+    shards, _ = pnet_shards
+    paper = train_settings(_config(shards, tmp_path / "run"), None, None)
+    # A record written before landmark_weight existed holds no such key: left unset, it matches.
+    assert "landmark_weight" not in paper
+    heavier = train_settings(_config(shards, tmp_path / "run", landmark_weight=4.0), None, None)
+    assert differences(paper, heavier) == ["landmark_weight: (none) -> 4.0"]
+    with pytest.raises(ValueError, match="landmark_weight must be at least 0"):
+        _config(shards, tmp_path / "run", landmark_weight=-1.0)
+
+
 def test_shards_of_another_stage_or_missing_get_a_clear_error(pnet_shards, tmp_path):
     shards, _ = pnet_shards
     with pytest.raises(ValueError, match="12px samples but rnet trains on 24px"):

@@ -20,6 +20,10 @@ OPERATIONAL_TRAIN_FIELDS = frozenset({
     "max_failures", "storage_options", "log_every", "inject_failure_at_epoch", "restart",
 })
 
+#: TrainConfig fields added after runs were already recorded, with their defaults: recorded only
+#: when set, so that a run made before the field existed still matches one that leaves it unset.
+ADDED_TRAIN_FIELDS = {"landmark_weight": None}
+
 #: PrepareConfig fields that change how samples are made, not which.
 OPERATIONAL_PREPARE_FIELDS = frozenset({"output", "batch_size", "concurrency", "overwrite",
                                         "storage_options", "address"})
@@ -58,7 +62,8 @@ def train_settings(config, data_settings: dict | None, previous_sha256: str | No
     """The settings that determine a stage run's result: its config less operational fields,
     what made its samples, and the earlier stages it ships with."""
     fields = {name: value for name, value in dataclasses.asdict(config).items()
-              if name not in OPERATIONAL_TRAIN_FIELDS}
+              if name not in OPERATIONAL_TRAIN_FIELDS
+              and not (name in ADDED_TRAIN_FIELDS and value == ADDED_TRAIN_FIELDS[name])}
     # The samples are known by what made them, not by their folder: new shards in the same
     # folder are other data, and the same recipe in another output folder is the same data.
     fields.pop("data", None)

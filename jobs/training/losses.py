@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,12 @@ STAGE_TASK_WEIGHTS = {
     "rnet": TaskWeights(1.0, 0.5, 0.5),
     "onet": TaskWeights(1.0, 0.5, 1.0),
 }
+
+
+def task_weights(stage: str, landmark_weight: float | None = None) -> TaskWeights:
+    """The stage's task weights, the landmark weight replaced when one is given."""
+    weights = STAGE_TASK_WEIGHTS[stage]
+    return weights if landmark_weight is None else dataclasses.replace(weights, landmarks=landmark_weight)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ..storage import filesystem, is_remote, join
 from ..stored_weights import WEIGHTS_FILE, load_weights_from
 from .batch_augment import BatchAugmentConfig, augment_batch
 from .fingerprint import RUN_SETTINGS_FILE, refuse_unless_restart, train_settings
-from .losses import STAGE_TASK_WEIGHTS, LossTerms, multitask_loss
+from .losses import LossTerms, multitask_loss, task_weights
 from .schema import SUMMARY_FILE
 
 #: Columns of the sample schema (jobs/training/schema.py) that training reads.
@@ -58,6 +58,10 @@ class TrainConfig:
     ohem_keep: float = field(default=0.7, metadata={"help": "share of classification samples OHEM keeps"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "face / non-face targets smoothed by this much (torch's cross-entropy rule; 0: off)"})
+    #: None keeps the paper's weight for the stage (losses.STAGE_TASK_WEIGHTS).
+    landmark_weight: float | None = field(default=None, metadata={
+        "help": "weight of the landmark loss in the stage's total (default: the paper's, 0.5 in P- and "
+                "R-Net, 1 in O-Net)"})
     #: Drawn every time a crop is seen.
     flip: bool = field(default=False, metadata={
         "help": "mirror crops (and their targets) at random in every batch"})
@@ -100,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if not 0.0 < self.ohem_keep <= 1.0:
             raise ValueError(f"ohem_keep must be in (0, 1], got {self.ohem_keep!r}")
+        if self.landmark_weight is not None and not self.landmark_weight >= 0.0:
+            raise ValueError(f"landmark_weight must be at least 0, got {self.landmark_weight!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         BatchAugmentConfig(flip=self.flip, color_jitter=self.color_jitter)  # checks color_jitter
@@ -312,7 +318,7 @@ def _train_loop(loop_config: dict) -> None:
             _progress(f"[{config.stage}] resuming after epoch {state['epoch']} from its checkpoint")
     resumed_from = start_epoch
 
-    weights = STAGE_TASK_WEIGHTS[config.stage]
+    weights = task_weights(config.stage, config.landmark_weight)
     ohem_keep = config.ohem_keep if config.ohem else None
     worker_batch = max(1, config.batch_size // world)
     samples = loop_config["samples"]
