@@ -20,10 +20,6 @@ OPERATIONAL_TRAIN_FIELDS = frozenset({
     "max_failures", "storage_options", "log_every", "inject_failure_at_epoch", "restart",
 })
 
-#: TrainConfig fields added after runs were already recorded, with their defaults: recorded only
-#: when set, so that a run made before the field existed still matches one that leaves it unset.
-ADDED_TRAIN_FIELDS = {"landmark_weight": None}
-
 #: PrepareConfig fields that change how samples are made, not which.
 OPERATIONAL_PREPARE_FIELDS = frozenset({"output", "batch_size", "concurrency", "overwrite",
                                         "storage_options", "address"})
@@ -61,9 +57,12 @@ def prepare_settings(config, weights_sha256: str | None) -> dict:
 def train_settings(config, data_settings: dict | None, previous_sha256: str | None) -> dict:
     """The settings that determine a stage run's result: its config less operational fields,
     what made its samples, and the earlier stages it ships with."""
+    # A field added after runs were recorded carries metadata "recorded": "when set": left at its
+    # default it is not recorded, so a run made before the field existed still matches.
+    unset = {f.name for f in dataclasses.fields(config)
+             if f.metadata.get("recorded") == "when set" and getattr(config, f.name) == f.default}
     fields = {name: value for name, value in dataclasses.asdict(config).items()
-              if name not in OPERATIONAL_TRAIN_FIELDS
-              and not (name in ADDED_TRAIN_FIELDS and value == ADDED_TRAIN_FIELDS[name])}
+              if name not in OPERATIONAL_TRAIN_FIELDS and name not in unset}
     # The samples are known by what made them, not by their folder: new shards in the same
     # folder are other data, and the same recipe in another output folder is the same data.
     fields.pop("data", None)

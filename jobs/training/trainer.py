@@ -58,10 +58,11 @@ class TrainConfig:
     ohem_keep: float = field(default=0.7, metadata={"help": "share of classification samples OHEM keeps"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "face / non-face targets smoothed by this much (torch's cross-entropy rule; 0: off)"})
-    #: None keeps the paper's weight for the stage (losses.STAGE_TASK_WEIGHTS).
+    #: None keeps the paper's weight for the stage (losses.STAGE_TASK_WEIGHTS). Added after runs
+    #: were recorded, so a run's fingerprint holds it only when set (fingerprint.train_settings).
     landmark_weight: float | None = field(default=None, metadata={
         "help": "weight of the landmark loss in the stage's total (default: the paper's, 0.5 in P- and "
-                "R-Net, 1 in O-Net)"})
+                "R-Net, 1 in O-Net)", "recorded": "when set"})
     #: Drawn every time a crop is seen.
     flip: bool = field(default=False, metadata={
         "help": "mirror crops (and their targets) at random in every batch"})
