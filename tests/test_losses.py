@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 from jobs.training.losses import (LANDMARK, NEGATIVE, PART, POSITIVE, STAGE_TASK_WEIGHTS,
                                   box_loss, classification_loss, hardest_samples, landmark_loss,
-                                  multitask_loss, task_weights)
+                                  multitask_loss, task_weights, wing)
+from jobs.training.losses import WING_CURVATURE, WING_WIDTH
 from mtcnn.nets import StageOutput, build_stage
 
 KINDS = torch.tensor([NEGATIVE, POSITIVE, PART, LANDMARK, NEGATIVE, POSITIVE, PART, LANDMARK])
@@ -95,6 +96,35 @@ def test_a_landmark_weight_replaces_only_the_landmark_term():
     paper = multitask_loss(output, KINDS, box_targets, mark_targets, task_weights("onet"))
     weighted = multitask_loss(output, KINDS, box_targets, mark_targets, heavier)
     assert torch.allclose(weighted.total - paper.total, 3.0 * paper.landmarks)
+
+
+def test_wing_is_logarithmic_inside_its_width_and_l1_outside_continuously():
+    small = torch.tensor([0.0, 0.01, -0.01])
+    assert torch.allclose(wing(small), WING_WIDTH * torch.log1p(small.abs() / WING_CURVATURE))
+    at = torch.tensor([WING_WIDTH - 1e-6, WING_WIDTH + 1e-6])
+    assert abs(float(wing(at)[1] - wing(at)[0])) < 1e-5  # no step at the width
+    far = torch.tensor([0.5, 1.0])
+    assert torch.allclose(wing(far)[1] - wing(far)[0], torch.tensor(0.5))  # slope 1 outside
+    # Its point: an error of 2% of the window still pulls hard, where the squared loss barely does.
+    error = torch.tensor([0.02], requires_grad=True)
+    wing(error).sum().backward()
+    assert float(error.grad) > 10 * (2 * 0.02)
+
+
+def test_the_wing_landmark_loss_sums_coordinates_over_landmark_samples_only():
+    _, _, marks, _, mark_targets = _random_batch(5)
+    expected = wing(marks[KINDS == LANDMARK] - mark_targets[KINDS == LANDMARK]).sum(dim=1).mean()
+    assert torch.allclose(landmark_loss(marks, mark_targets, KINDS, "wing"), expected)
+    assert torch.equal(landmark_loss(_scramble(marks, KINDS != LANDMARK), mark_targets, KINDS, "wing"),
+                       landmark_loss(marks, mark_targets, KINDS, "wing"))
+    assert float(landmark_loss(marks, mark_targets, KINDS.clone().fill_(NEGATIVE), "wing")) == 0.0
+    with pytest.raises(ValueError, match="landmark loss must be one of"):
+        landmark_loss(marks, mark_targets, KINDS, "l1")
+    output = StageOutput(*_random_batch(5)[:3])
+    weights = task_weights("onet")
+    l2 = multitask_loss(output, KINDS, _random_batch(5)[3], mark_targets, weights)
+    winged = multitask_loss(output, KINDS, _random_batch(5)[3], mark_targets, weights, landmark_form="wing")
+    assert torch.allclose(winged.landmarks, expected) and torch.allclose(winged.classification, l2.classification)
 
 
 def test_works_on_real_stage_outputs_of_every_net():

@@ -185,6 +185,11 @@ def test_a_setting_added_later_matches_runs_recorded_before_it_until_it_is_set(p
     assert differences(paper, heavier) == ["landmark_weight: (none) -> 4.0"]
     with pytest.raises(ValueError, match="landmark_weight must be at least 0"):
         _config(shards, tmp_path / "run", landmark_weight=-1.0)
+    assert "landmark_loss" not in paper
+    wing = train_settings(_config(shards, tmp_path / "run", landmark_loss="wing"), None, None)
+    assert differences(paper, wing) == ['landmark_loss: (none) -> "wing"']
+    with pytest.raises(ValueError, match="landmark_loss must be one of"):
+        _config(shards, tmp_path / "run", landmark_loss="l1")
 
 
 def test_shards_of_another_stage_or_missing_get_a_clear_error(pnet_shards, tmp_path):

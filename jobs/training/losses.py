@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,19 +96,44 @@ def box_loss(box_offsets: torch.Tensor, targets: torch.Tensor, kinds: torch.Tens
     return _masked_squared_distance(box_offsets, targets, (kinds == POSITIVE) | (kinds == PART))
 
 
-def landmark_loss(landmarks: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """Squared L2 between predicted and true landmarks, over landmark samples."""
-    return _masked_squared_distance(landmarks, targets, kinds == LANDMARK)
+#: Landmark losses a stage can train with: "l2" is the paper's; "wing" is Feng et al.'s (CVPR 2018).
+LANDMARK_LOSSES = ("l2", "wing")
+#: Wing's width and curvature in window fractions: Feng et al.'s w = 10 and epsilon = 2 pixels
+#: on their 64-pixel inputs. Below the width it is logarithmic, so errors of a few pixels keep
+#: pulling where the squared loss's gradient fades; above it, L1.
+WING_WIDTH = 10.0 / 64.0
+WING_CURVATURE = 2.0 / 64.0
+
+
+def wing(difference: torch.Tensor, width: float = WING_WIDTH, curvature: float = WING_CURVATURE) -> torch.Tensor:
+    """The wing loss of each element of a difference (continuous at |x| = width)."""
+    magnitude = difference.abs()
+    offset = width - width * math.log1p(width / curvature)
+    return torch.where(magnitude < width, width * torch.log1p(magnitude / curvature), magnitude - offset)
+
+
+def landmark_loss(landmarks: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor,
+                  form: str = "l2") -> torch.Tensor:
+    """The landmark loss over landmark samples: squared L2 of the 10 coordinates, or their wing sum."""
+    mask = kinds == LANDMARK
+    if form == "l2":
+        return _masked_squared_distance(landmarks, targets, mask)
+    if form != "wing":
+        raise ValueError(f"landmark loss must be one of {LANDMARK_LOSSES}, got {form!r}")
+    if not mask.any():
+        return landmarks.sum() * 0.0
+    return wing(_flat(landmarks)[mask] - targets[mask]).sum(dim=1).mean()
 
 
 def multitask_loss(output: StageOutput, kinds: torch.Tensor, box_targets: torch.Tensor,
                    landmark_targets: torch.Tensor, weights: TaskWeights,
-                   ohem_keep: float | None = None, label_smoothing: float = 0.0) -> LossTerms:
+                   ohem_keep: float | None = None, label_smoothing: float = 0.0,
+                   landmark_form: str = "l2") -> LossTerms:
     """The stage's weighted loss for a batch of samples of mixed kinds."""
     classification = classification_loss(output.face_logits, kinds, ohem_keep, label_smoothing)
     box = box_loss(output.box_offsets, box_targets, kinds)
     if output.landmarks is not None:
-        landmarks = landmark_loss(output.landmarks, landmark_targets, kinds)
+        landmarks = landmark_loss(output.landmarks, landmark_targets, kinds, landmark_form)
     else:
         landmarks = classification.new_zeros(())
     total = (weights.classification * classification + weights.box * box

@@ -31,7 +31,7 @@ from ..storage import filesystem, is_remote, join
 from ..stored_weights import WEIGHTS_FILE, load_weights_from
 from .batch_augment import BatchAugmentConfig, augment_batch
 from .fingerprint import RUN_SETTINGS_FILE, refuse_unless_restart, train_settings
-from .losses import LossTerms, multitask_loss, task_weights
+from .losses import LANDMARK_LOSSES, LossTerms, multitask_loss, task_weights
 from .schema import SUMMARY_FILE
 
 #: Columns of the sample schema (jobs/training/schema.py) that training reads.
@@ -63,6 +63,11 @@ class TrainConfig:
     landmark_weight: float | None = field(default=None, metadata={
         "help": "weight of the landmark loss in the stage's total (default: the paper's, 0.5 in P- and "
                 "R-Net, 1 in O-Net)", "recorded": "when set"})
+    #: Wing's gradient at typical O-Net errors is about 16x the squared loss's: pair it with a
+    #: landmark_weight near 0.1 to keep the tasks' balance (docs/train.md).
+    landmark_loss: str = field(default="l2", metadata={
+        "help": "landmark loss: l2 (squared distance, the paper's) or wing (Feng et al. 2018)",
+        "choices": LANDMARK_LOSSES, "recorded": "when set"})
     #: Drawn every time a crop is seen.
     flip: bool = field(default=False, metadata={
         "help": "mirror crops (and their targets) at random in every batch"})
@@ -107,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"ohem_keep must be in (0, 1], got {self.ohem_keep!r}")
         if self.landmark_weight is not None and not self.landmark_weight >= 0.0:
             raise ValueError(f"landmark_weight must be at least 0, got {self.landmark_weight!r}")
+        if self.landmark_loss not in LANDMARK_LOSSES:
+            raise ValueError(f"landmark_loss must be one of {LANDMARK_LOSSES}, got {self.landmark_loss!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         BatchAugmentConfig(flip=self.flip, color_jitter=self.color_jitter)  # checks color_jitter
@@ -347,7 +354,7 @@ def _train_loop(loop_config: dict) -> None:
                 pixels, boxes, landmarks = augment_batch(pixels, kinds, boxes, landmarks,
                                                          batch_augment, generator)
             terms = multitask_loss(model(normalize_pixels(pixels)), kinds, boxes, landmarks,
-                                   weights, ohem_keep, config.label_smoothing)
+                                   weights, ohem_keep, config.label_smoothing, config.landmark_loss)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()
