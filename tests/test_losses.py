@@ -7,9 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from jobs.training.losses import (LANDMARK, NEGATIVE, PART, POSITIVE, STAGE_TASK_WEIGHTS,
-                                  box_loss, classification_loss, hardest_samples, landmark_loss,
-                                  multitask_loss, task_weights, wing)
-from jobs.training.losses import WING_CURVATURE, WING_WIDTH
+                                  WING_CURVATURE, WING_WIDTH, box_loss, classification_loss,
+                                  hardest_samples, landmark_loss, multitask_loss, task_weights, wing)
 from mtcnn.nets import StageOutput, build_stage
 
 KINDS = torch.tensor([NEGATIVE, POSITIVE, PART, LANDMARK, NEGATIVE, POSITIVE, PART, LANDMARK])

@@ -82,18 +82,18 @@ def classification_loss(face_logits: torch.Tensor, kinds: torch.Tensor,
     return losses.mean()
 
 
-def _masked_squared_distance(predicted: torch.Tensor, target: torch.Tensor,
-                             mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the masked samples of the squared Euclidean distance; 0 when none is masked."""
+def _masked_distance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                     penalty=torch.square) -> torch.Tensor:
+    """Mean over the masked samples of the summed per-coordinate penalty of their difference
+    (squared by default: the squared Euclidean distance); 0 when none is masked."""
     if not mask.any():
         return predicted.sum() * 0.0
-    difference = _flat(predicted)[mask] - target[mask]
-    return difference.pow(2).sum(dim=1).mean()
+    return penalty(_flat(predicted)[mask] - target[mask]).sum(dim=1).mean()
 
 
 def box_loss(box_offsets: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
     """Squared L2 between predicted and true box offsets, over positives and parts."""
-    return _masked_squared_distance(box_offsets, targets, (kinds == POSITIVE) | (kinds == PART))
+    return _masked_distance(box_offsets, targets, (kinds == POSITIVE) | (kinds == PART))
 
 
 #: Landmark losses a stage can train with: "l2" is the paper's; "wing" is Feng et al.'s (CVPR 2018).
@@ -115,14 +115,9 @@ def wing(difference: torch.Tensor, width: float = WING_WIDTH, curvature: float =
 def landmark_loss(landmarks: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor,
                   form: str = "l2") -> torch.Tensor:
     """The landmark loss over landmark samples: squared L2 of the 10 coordinates, or their wing sum."""
-    mask = kinds == LANDMARK
-    if form == "l2":
-        return _masked_squared_distance(landmarks, targets, mask)
-    if form != "wing":
+    if form not in LANDMARK_LOSSES:
         raise ValueError(f"landmark loss must be one of {LANDMARK_LOSSES}, got {form!r}")
-    if not mask.any():
-        return landmarks.sum() * 0.0
-    return wing(_flat(landmarks)[mask] - targets[mask]).sum(dim=1).mean()
+    return _masked_distance(landmarks, targets, kinds == LANDMARK, torch.square if form == "l2" else wing)
 
 
 def multitask_loss(output: StageOutput, kinds: torch.Tensor, box_targets: torch.Tensor,
