@@ -49,12 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retries of a read that fails for a transient reason (default 4)")
     parser.add_argument("--rows-per-file", type=int, default=4096,
                         help="rows per Parquet part (default 4096)")
+    parser.add_argument("--commit-seconds", type=float, default=60.0,
+                        help="commit made rows at least this often, in parts smaller than --rows-per-file "
+                             "if need be: what a kill loses at most (default 60)")
+    parser.add_argument("--store-patience", type=float, default=300.0,
+                        help="seconds to keep retrying an OUTPUT store that does not answer before the "
+                             "job ends with exit status 1, every committed part kept (default 300)")
     parser.add_argument("--storage-options", default=None,
                         help="JSON object of fsspec/s3fs options, e.g. credentials or endpoint_url")
     parser.add_argument("--retry-errors", action="store_true",
                         help="redo every error row of earlier runs (default: only transient ones)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="remove earlier results in OUTPUT instead of resuming")
+    parser.add_argument("--restart", "--overwrite", dest="overwrite", action="store_true",
+                        help="remove earlier results in OUTPUT and start over, instead of resuming")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         storage_options=parse_storage_options(args.storage_options), overwrite=args.overwrite,
         retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
         read_retries=args.read_retries, rows_per_file=args.rows_per_file,
-        show_progress=True)
+        commit_seconds=args.commit_seconds, store_patience_seconds=args.store_patience, show_progress=True)
     summary = annotate(config)
     print(redact_text(summary.line()))
     return 0

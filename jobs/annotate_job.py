@@ -1,14 +1,14 @@
 """The annotate job: Ray Data streams images through the cascade into Parquet, one row per image.
 
 The pipeline: list (read tasks, in chunks, leaving out what is done) -> [decode tasks, on GPU
-clusters] -> FaceAnnotator actors -> commit tasks that write the Parquet parts. The driver only
-plans, holds the OUTPUT's lease, and reads small commit records for the summary. Its command
-line is jobs/annotate.py; `mtcnn-jobs evaluate --ray` runs it too.
+clusters] -> FaceAnnotator actors -> rows to the driver, which commits them as Parquet parts
+(jobs/output: fenced by its lease, a part every rows_per_file rows or commit_seconds, and what is
+made when the job is stopped). Rows are small (a path and its faces); pixels never leave the
+workers. Its command line is jobs/annotate.py; `mtcnn-jobs evaluate --ray` runs it too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,23 +18,22 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mtcnn import Detections, DetectorConfig, FaceDetector
 from mtcnn.weights import CascadeWeights
 
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from .parts import (Lease, OutputError, commit_file, committed_parts, new_owner, parquet_bytes,
-                    part_name, remove_stale_temporaries)
+from .data_context import ray_data_context
+from .output import CommitBuffer, OutputError, OutputMode, PartsOutput, StorePatience, part_name, path_digests
 from .progress import ProgressLine
-from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_image
-from .run_state import MAX_STRIKES, RunState, path_digests
-from .schema import (ANNOTATION_SCHEMA, annotation_table, read_metadata, run_metadata, settings_of,
-                     with_metadata)
-from .sources import CHUNK_PATHS, ListingShard, plan_shards
+from .reading import ReadFailure, ReadPolicy, first_line, read_image
+from .run_state import MAX_STRIKES, RunState
+from .schema import ANNOTATION_SCHEMA, METADATA_KEY, ErrorKind, annotation_table, run_metadata, settings_of
+from .sources import CHUNK_PATHS, ListingShard, Unlisted, plan_shards
 from .redaction import public_path, redact, redact_text
-from .storage import filesystem, is_remote, join
 from .stored_weights import load_weights_from
+
+PERMANENT, TRANSIENT, CRASHED = (kind.value for kind in ErrorKind)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +74,12 @@ class AnnotateConfig:
     read_retries: int = 4
     #: Decoded pixels an actor holds at once; a batch is cut into detector calls under it.
     pixels_in_flight: int = 64_000_000
-    #: Rows per Parquet part (a part is committed when it is full, or at the end).
+    #: Rows per Parquet part (a part is committed when it is full, after commit_seconds, or at a stop).
     rows_per_file: int = 4096
+    #: Seconds a made row may wait before it is committed: what a SIGKILL or a lost node loses at most.
+    commit_seconds: float = 60.0
+    #: Seconds to keep retrying a store (OUTPUT) that does not answer before the job gives up.
+    store_patience_seconds: float = 300.0
     #: Decode in separate CPU tasks (True), inside the detector actors (False), or None: only
     #: when the actors use GPUs, so that CPUs feed them; on CPUs it saves copying pixels around.
     separate_decode: bool | None = None
@@ -95,6 +98,8 @@ class AnnotateConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.read_retries < 0:
             raise ValueError(f"--read-retries must be 0 or more, got {self.read_retries}")
+        if self.commit_seconds <= 0:
+            raise ValueError(f"--commit-seconds must be positive, got {self.commit_seconds}")
 
     @property
     def read_policy(self) -> ReadPolicy:
@@ -108,6 +113,7 @@ class AnnotateSummary:
 
     listed: int = 0
     skipped: int = 0
+    repeated: int = 0
     images: int = 0
     faces: int = 0
     errors: int = 0
@@ -122,7 +128,8 @@ class AnnotateSummary:
 
     def line(self) -> str:
         """One-line report for the end of a run."""
-        text = (f"annotated {self.images} images ({self.skipped} already done), {self.faces} faces, "
+        again = f", {self.repeated} listed twice" if self.repeated else ""
+        text = (f"annotated {self.images} images ({self.skipped} already done{again}), {self.faces} faces, "
                 f"{self.errors} errors, {self.images_per_second:.2f} images/s "
                 f"in {self.seconds:.1f} s; {len(self.files)} files written")
         if self.transient:
@@ -151,12 +158,17 @@ def _image_source(shards: list[ListingShard], storage_options: dict, state):
 
         for number, chunk in enumerate(shard.chunks(storage_options, CHUNK_PATHS)):
             # Rows store (and resume matches) each path minus any credentials it carries, such as a
-            # presigned URL's signature; the file is read through the URL as listed.
-            stored = [public_path(url) for url in chunk]
+            # presigned URL's signature; the file is read through the URL as listed. An entry the
+            # listing could not read as a path (Unlisted) goes on as an error row naming it.
+            stored = [entry.name if isinstance(entry, Unlisted) else public_path(entry) for entry in chunk]
             keep = ray.get(state.claim.remote(path_digests(stored), f"{shard.index}:{number}"))
             if keep.any():
-                yield pa.table({"path": pa.array(np.array(stored, dtype=object)[keep], pa.string()),
-                                "url": pa.array(np.array(chunk, dtype=object)[keep], pa.string())})
+                kept = np.array(chunk, dtype=object)[keep]
+                yield pa.table({
+                    "path": pa.array(np.array(stored, dtype=object)[keep], pa.string()),
+                    "url": pa.array([None if isinstance(e, Unlisted) else e for e in kept], pa.string()),
+                    "unlisted": pa.array([e.reason if isinstance(e, Unlisted) else None for e in kept],
+                                         pa.string())})
             # Flow control: listing a 10M-line manifest as fast as it reads would take the CPUs
             # from the detectors for minutes (and fill the claims index early); stay a window ahead.
             while ray.get(state.ahead.remote()) > LIST_AHEAD:
@@ -185,11 +197,14 @@ def decode_batch(batch: pa.Table, storage_options: dict, policy: ReadPolicy, sta
     """Read and decode a batch of paths into raw RGB pixels with their sizes (or an error)."""
     paths = batch.column("path").to_pylist()
     urls = _urls(batch)
+    unlisted = _unlisted(batch)
     journal = _Journal(state, paths)
     pixels, widths, heights, errors, kinds = [], [], [], [], []
-    for path, url in zip(paths, urls):
-        image, error, kind = None, journal.poisoned(path), PERMANENT
-        if error is None:
+    for path, url, reason in zip(paths, urls, unlisted):
+        image, (error, kind) = None, journal.poisoned(path)
+        if reason is not None:
+            error, kind = reason, PERMANENT
+        elif error is None:
             journal.working_on([path])
             try:
                 image = read_image(url, storage_options, policy)
@@ -211,6 +226,13 @@ def _urls(batch: pa.Table) -> list[str]:
     return batch.column("url" if "url" in batch.column_names else "path").to_pylist()
 
 
+def _unlisted(batch: pa.Table) -> list[str | None]:
+    """Per row, why the listing could not give it as a path (it becomes an error row), or None."""
+    if "unlisted" in batch.column_names:
+        return batch.column("unlisted").to_pylist()
+    return [None] * batch.num_rows
+
+
 class _Journal:
     """A batch's entries in the run's crash journal (no-ops without a run state)."""
 
@@ -218,20 +240,29 @@ class _Journal:
         import ray
 
         self.state, self.token = state, part_name(paths)
-        self.strikes = ray.get(state.start.remote(self.token, paths)) if state is not None else {}
+        self.history = ray.get(state.start.remote(self.token, paths)) if state is not None else {}
 
-    def poisoned(self, path: str) -> str | None:
-        """The error for an image that has killed its worker MAX_STRIKES times, else None."""
-        strikes = self.strikes.get(path, 0)
-        if strikes >= MAX_STRIKES:
-            return (f"the worker process died {strikes} times while this image was being read, "
-                    "decoded or detected (a file that crashes the decoder, or needs more memory "
-                    "than the worker has); left out")
-        return None
+    def poisoned(self, path: str) -> tuple[str | None, str | None]:
+        """(error, kind) for an image that has killed its worker MAX_STRIKES times, else (None, None).
+
+        Deaths are not the image's fault until shown to be: a worker may die of a kill from
+        outside, a spot preemption or another image's memory. So the row is 'crashed', which the
+        next run redoes alone; only an image that crashed in an earlier run too gets a final row.
+        """
+        strikes, before = self.history.get(path, (0, False))
+        if strikes < MAX_STRIKES:
+            return None, None
+        if before:
+            return (f"the worker process died {strikes} times in this run and in an earlier one while "
+                    "this image was being read, decoded or detected (a file that crashes the decoder, "
+                    "or needs more memory than a worker has); left out", PERMANENT)
+        return (f"the worker process died {strikes} times while this image was being read, decoded or "
+                "detected; the next run tries it again, alone", CRASHED)
 
     def suspect(self, path: str) -> bool:
         """Whether the image was in flight at an earlier death of a worker (so goes alone)."""
-        return self.strikes.get(path, 0) > 0
+        strikes, before = self.history.get(path, (0, False))
+        return strikes > 0 or before
 
     def working_on(self, paths: list[str]) -> None:
         """Record what is about to be decoded and detected, before doing it."""
@@ -258,6 +289,10 @@ class _Rows:
         if "pixels" in batch.column_names:  # decode tasks' errors come with their pixels
             self.errors = batch.column("error").to_pylist()
             self.kinds = batch.column("error_kind").to_pylist()
+        else:
+            for index, reason in enumerate(_unlisted(batch)):
+                if reason is not None:
+                    self.failed(index, reason, PERMANENT)
 
     def failed(self, index: int, reason: str, kind: str) -> None:
         """Row index is an error row."""
@@ -275,7 +310,7 @@ class _Rows:
         """Rows, faces, error rows and transient error rows, for the progress line."""
         return (len(self.errors), int(sum(len(d) for d in self.detections if d is not None)),
                 sum(error is not None for error in self.errors),
-                sum(kind == TRANSIENT for kind in self.kinds))
+                sum(kind in (TRANSIENT, CRASHED) for kind in self.kinds))
 
 
 class FaceAnnotator:
@@ -327,9 +362,9 @@ class FaceAnnotator:
         for index, path in enumerate(paths):
             if rows.errors[index] is not None:
                 continue
-            poison = journal.poisoned(path)
+            poison, kind = journal.poisoned(path)
             if poison is not None:
-                rows.failed(index, poison, PERMANENT)
+                rows.failed(index, poison, kind)
                 continue
             alone = journal.suspect(path)
             if alone:
@@ -373,59 +408,24 @@ class FaceAnnotator:
         return results
 
 
-def commit_rows(batch: pa.Table, output: str, storage_options: dict, metadata: str,
-                retries: int = 4, owner: str | None = None) -> pa.Table:
-    """Write a batch of rows as one part of OUTPUT; its commit record (file, rows, faces, errors)."""
-    schema = with_metadata(ANNOTATION_SCHEMA, json.loads(metadata))
+def commit_rows(batch: pa.Table, output: str, storage_options: dict, metadata: str) -> str:
+    """Write annotation rows as one part of an OUTPUT that no job holds (for tools and tests); its path.
+
+    A job commits through jobs/output's PartsOutput instead, fenced by its lease."""
+    from .output.parts import commit_file, parquet_bytes
+
+    schema = ANNOTATION_SCHEMA.with_metadata({METADATA_KEY: metadata.encode()})
     table = batch.select(ANNOTATION_SCHEMA.names).cast(schema)
-    data = parquet_bytes(table)
-    name = part_name(table.column("path").to_pylist())
-    for attempt in range(retries + 1):
-        try:
-            if owner is not None:
-                # Fencing: a worker left over from a job whose driver died must not write into
-                # an OUTPUT that a newer job now holds (their rows would be there twice).
-                Lease(output, storage_options, owner).check()
-            path = commit_file(output, name, data, storage_options)
-            break
-        except OSError:
-            # The store is unreachable for a moment; the part is whole in memory, so wait and
-            # try again. The last failure fails the task, which Ray Data retries.
-            if attempt == retries:
-                raise
-            time.sleep(0.5 * 2 ** attempt)
+    return commit_file(output, part_name(table.column("path").to_pylist()), parquet_bytes(table), storage_options)
+
+
+def commit_record(table: pa.Table, path: str) -> dict:
+    """What a committed part holds, for the summary: file, rows, faces, errors, transient errors."""
     kinds = table.column("error_kind")
-    return pa.table({
-        "file": [path], "rows": [table.num_rows],
-        "faces": [int(pc.sum(pc.list_value_length(table.column("faces"))).as_py() or 0)],
-        "errors": [table.num_rows - table.column("error").null_count],
-        "transient": [int(pc.sum(pc.equal(kinds, TRANSIENT)).as_py() or 0)],
-    })
-
-
-# -- before the run --------------------------------------------------------------------------
-
-def check_output(config: AnnotateConfig, settings: dict) -> list[str]:
-    """Check OUTPUT can be written and holds results of these settings; its committed parts."""
-    try:
-        fs, root = filesystem(config.output, config.storage_options)
-        if not is_remote(config.output):
-            fs.makedirs(root, exist_ok=True)
-        probe = join(root, f"_write_test-{new_owner().rsplit(':', 1)[-1]}")
-        fs.pipe_file(probe, b"ok")
-        fs.rm_file(probe)
-        parts = committed_parts(config.output, config.storage_options)
-    except Exception as error:  # noqa: BLE001 - any failure here means the run cannot start
-        raise OutputError(f"OUTPUT {config.output} is not writable: {first_line(error)}") from None
-    if parts and not config.overwrite:
-        with fs.open(parts[0], "rb") as handle:
-            earlier = read_metadata(pq.read_schema(handle)) or {}
-        if settings_of(earlier) != settings:
-            raise OutputError(
-                f"OUTPUT {config.output} holds results made with other settings "
-                f"({_difference(settings_of(earlier), settings)}); pass --overwrite to replace them "
-                f"or choose another OUTPUT")
-    return parts
+    return {"file": path, "rows": table.num_rows,
+            "faces": int(pc.sum(pc.list_value_length(table.column("faces"))).as_py() or 0),
+            "errors": table.num_rows - table.column("error").null_count,
+            "transient": int(pc.sum(pc.is_in(kinds, pa.array([TRANSIENT, CRASHED]))).as_py() or 0)}
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -435,9 +435,8 @@ class _Plan:
     """What a run reads and what it found in OUTPUT, checked before OUTPUT is touched."""
 
     weights: CascadeWeights
-    metadata: dict  # stored with every part (secrets redacted)
     shards: list[ListingShard]
-    parts: list[str]  # committed parts of earlier runs
+    output: PartsOutput
 
 
 def annotate(config: AnnotateConfig,
@@ -446,14 +445,13 @@ def annotate(config: AnnotateConfig,
     started = time.perf_counter()
     plan = _plan(config)
     resources = _connect(config)
-    lease = Lease(config.output, config.storage_options, new_owner())
-    lease.acquire()
+    plan.output.open()
     summary = AnnotateSummary()
     try:
         state = _start_run(config, plan)
-        _stream(config, plan, resources, state, lease.owner, summary, on_rows)
+        _stream(config, plan, resources, state, summary, on_rows)
     finally:
-        lease.release()
+        plan.output.close()
         summary.seconds = time.perf_counter() - started
     return summary
 
@@ -464,10 +462,13 @@ def _plan(config: AnnotateConfig) -> _Plan:
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
                             weights.provenance, config.detector, config.max_pixels, config.max_bytes)
     metadata["device"] = "cuda" if config.num_gpus > 0 else "cpu"
-    metadata = redact(metadata)
     shards = plan_shards(config.input, config.storage_options)
-    parts = check_output(config, settings_of(metadata))
-    return _Plan(weights, metadata, shards, parts)
+    output = PartsOutput(config.output, config.storage_options, METADATA_KEY, redact(metadata), settings_of, "annotate",
+                         mode=OutputMode.RESTART if config.overwrite else OutputMode.RESUME,
+                         retry_errors=config.retry_errors,
+                         patience=StorePatience(seconds=config.store_patience_seconds))
+    output.check()
+    return _Plan(weights, shards, output)
 
 
 def _connect(config: AnnotateConfig) -> dict:
@@ -485,28 +486,27 @@ def _connect(config: AnnotateConfig) -> dict:
 
 
 def _start_run(config: AnnotateConfig, plan: _Plan):
-    """With the lease held: clear or resume OUTPUT, start the run state actor, probe the reads."""
+    """With the lease held: start the run state actor, resume from OUTPUT, probe the reads."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    parts = plan.parts
-    if config.overwrite and parts:
-        fs, _ = filesystem(config.output, config.storage_options)
-        for path in parts:
-            fs.rm_file(path)
-        log.info("--overwrite: removed %d files of earlier runs from %s", len(parts), config.output)
-        parts = []
     dedupe = any(shard.kind in ("text", "parquet") for shard in plan.shards)
-    state = ray.remote(RunState).options(max_concurrency=8, num_cpus=0).remote(dedupe)
+    # On the driver's node, which the job cannot outlive anyway: no worker node's loss takes it
+    # along. Restarted if its process dies (rebuilding what is done from OUTPUT), and calls
+    # in flight then are retried.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    state = ray.remote(RunState).options(
+        max_concurrency=8, num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here,
+    ).remote(dedupe, config.output, config.storage_options, len(plan.shards))
     # The probe runs on a worker (a cluster's workers may lack the driver's credentials), the
     # run-state actor's, while the driver goes on setting up the run.
     probe = state.probe.remote(plan.shards, config.storage_options, config.read_policy)
-    remove_stale_temporaries(config.output)
-    state.plan.remote(len(plan.shards))
-    if parts:
-        index = ray.get(state.scan.remote(config.output, config.storage_options, parts,
+    if plan.output.parts:
+        index = ray.get(state.scan.remote(config.output, config.storage_options, plan.output.parts,
                                           config.retry_errors))
-        log.info("resuming: %d images already done in %s; %d error rows to redo",
-                 index["done"], public_path(config.output), index["redo"])
+        log.info("resuming: %d images already done in %s; %d error rows to redo%s",
+                 index["done"], public_path(config.output), index["redo"],
+                 f"; {index['duplicates']} rows of paths held twice taken out" if index["duplicates"] else "")
     try:
         reason = ray.get(probe)
     except ray.exceptions.RayError:
@@ -516,45 +516,53 @@ def _start_run(config: AnnotateConfig, plan: _Plan):
     return state
 
 
-def _stream(config: AnnotateConfig, plan: _Plan, resources: dict, state, owner: str,
+def _stream(config: AnnotateConfig, plan: _Plan, resources: dict, state,
             summary: AnnotateSummary, on_rows) -> None:
-    """The pipeline, run: read -> [decode] -> detect -> write, commit records added to summary."""
+    """The pipeline, run: read -> [decode] -> detect -> rows committed here, counted in summary."""
     import ray
-    from ray.data import DataContext
 
-    saved_block_size = DataContext.get_current().target_max_block_size
-    dataset = _build_dataset(plan.shards, config, plan.weights, resources, state, plan.metadata, owner)
-    progress = ProgressLine(state, summary, config.show_progress, on_rows)
-    progress.start()
-    try:
-        for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for record in records.to_pylist():
-                summary.files.append(record["file"])
-                summary.images += record["rows"]
-                summary.faces += record["faces"]
-                summary.errors += record["errors"]
-                summary.transient += record["transient"]
-    finally:
-        progress.stop()
-        DataContext.get_current().target_max_block_size = saved_block_size
+    def committed(table: pa.Table, path: str) -> None:
+        record = commit_record(table, path)
+        summary.files.append(record["file"])
+        summary.images += record["rows"]
+        summary.faces += record["faces"]
+        summary.errors += record["errors"]
+        summary.transient += record["transient"]
+
+    with ray_data_context(block_size=PATH_BLOCK_BYTES):
+        dataset = _build_dataset(plan.shards, config, plan.weights, resources, state)
+        progress = ProgressLine(state, summary, config.show_progress, on_rows)
+        progress.start()
+        try:
+            received = 0
+            with CommitBuffer(plan.output, config.rows_per_file, config.commit_seconds, committed) as buffer:
+                for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    buffer.add(rows.select(ANNOTATION_SCHEMA.names).cast(ANNOTATION_SCHEMA))
+                    received += rows.num_rows
+                    announce_rows_received(received)
+        finally:
+            progress.stop()
     counts = ray.get(state.snapshot.remote())
-    summary.listed, summary.skipped = counts["listed"], counts["skipped"]
+    summary.listed, summary.skipped, summary.repeated = counts["listed"], counts["skipped"], counts["repeated"]
+
+
+def announce_rows_received(count: int) -> None:
+    """MTCNN_JOBS_FAILPOINTS' rows_received=FILE: the driver writes how many rows it holds or
+    committed into FILE, so a test can stop a job at a known state (a no-op when unset)."""
+    if "MTCNN_JOBS_FAILPOINTS" not in os.environ:
+        return
+    for item in os.environ["MTCNN_JOBS_FAILPOINTS"].split(";"):
+        if item.startswith("rows_received="):
+            target = item.split("=", 1)[1]
+            with open(target + ".tmp", "w") as handle:
+                handle.write(str(count))
+            os.replace(target + ".tmp", target)
 
 
 def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: CascadeWeights,
-                   resources: dict, state, metadata: dict, owner: str):
-    """list -> [decode] -> FaceAnnotator actors -> commit: a Ray Dataset of commit records."""
+                   resources: dict, state):
+    """list -> [decode] -> FaceAnnotator actors: a Ray Dataset of annotation rows."""
     import ray
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    # The progress line replaces Ray's operator bars unless asked for (RAY_DATA_PROGRESS=1).
-    context.enable_progress_bars = bool(int(os.environ.get("RAY_DATA_PROGRESS", "0")))
-    context.execution_options.preserve_order = False
-    # Ray Data buffers a read task's output until it reaches target_max_block_size (128 MB):
-    # a whole folder's listing would be one block, nothing would flow until it was listed, and a
-    # listing held back by flow control would never flow. Blocks of paths are small: cut there.
-    context.target_max_block_size = PATH_BLOCK_BYTES
 
     use_gpu = config.num_gpus > 0
     cpus_per_actor = config.cpus_per_actor or 1.0
@@ -566,8 +574,8 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
         # Only a cluster that can grow gets a pool that can: locally the CPUs are all there is.
         high = low if config.address is None else max(low, 2 * fits)
     separate_decode = use_gpu if config.separate_decode is None else config.separate_decode
-    # Listing and committing are I/O with little CPU: at 0 CPUs they never wait behind the
-    # detector actors, which take every CPU (or GPU share) the cluster has.
+    # Listing is I/O with little CPU: at 0 CPUs it never waits behind the detector actors, which
+    # take every CPU (or GPU share) the cluster has.
     dataset = ray.data.read_datasource(_image_source(shards, config.storage_options, state),
                                        num_cpus=0, concurrency=1,
                                        override_num_blocks=SPLIT_BLOCKS * len(shards))
@@ -575,7 +583,7 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
         dataset = dataset.map_batches(decode_batch, batch_size=config.batch_size, batch_format="pyarrow",
                                       fn_kwargs={"storage_options": config.storage_options,
                                                  "policy": config.read_policy, "state": state})
-    dataset = dataset.map_batches(
+    return dataset.map_batches(
         FaceAnnotator, batch_size=config.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=cpus_per_actor, num_gpus=config.num_gpus or None,
@@ -584,11 +592,6 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
                                "storage_options": config.storage_options,
                                "policy": config.read_policy,
                                "pixels_in_flight": config.pixels_in_flight, "state": state})
-    # Workers write: each commit task turns up to rows_per_file rows into one part.
-    return dataset.map_batches(
-        commit_rows, batch_size=config.rows_per_file, batch_format="pyarrow", num_cpus=0,
-        fn_kwargs={"output": config.output, "storage_options": config.storage_options,
-                   "metadata": json.dumps(metadata, sort_keys=True), "owner": owner})
 
 
 def _bounds(concurrency) -> tuple[int | None, int | None]:
@@ -600,18 +603,5 @@ def _bounds(concurrency) -> tuple[int | None, int | None]:
     return int(low), int(high)
 
 
-def _difference(before: dict, now: dict) -> str:
-    """Which settings differ, e.g. 'detector.min_face_size 20.0 -> 40.0'."""
-    changes = []
-    for key in sorted(set(before) | set(now)):
-        old, new = before.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += [f"{key}.{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-                        if old.get(k) != new.get(k)]
-        elif old != new:
-            changes.append(f"{key} {old} -> {new}")
-    return ", ".join(changes) or "unknown"
-
-
 __all__ = ["AnnotateConfig", "AnnotateSummary", "FaceAnnotator", "JobStopped", "OutputError",
-           "annotate", "commit_rows", "decode_batch"]
+           "annotate", "commit_record", "commit_rows", "decode_batch"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .output.parts import DamagedPart, damaged_message
 from .schema import read_metadata
 from .storage import filesystem
 
@@ -64,7 +66,7 @@ def iter_batches(location: str, columns: list[str], storage_options: dict | None
     """Batches of the given columns over every annotations file in order (one file open at a time)."""
     fs, files = annotation_files(location, storage_options)
     for path in files:
-        with fs.open(path, "rb") as handle:
+        with fs.open(path, "rb") as handle, naming_damage(path):
             parquet = pq.ParquetFile(handle)
             check_schema(parquet.schema_arrow, path, tuple(c for c in columns if c in ("path", "faces")) or ())
             present = [c for c in columns if c in parquet.schema_arrow.names]
@@ -79,8 +81,17 @@ def iter_batches(location: str, columns: list[str], storage_options: dict | None
 def run_metadata_of(location: str, storage_options: dict | None = None) -> dict | None:
     """The annotate run metadata of the first annotations file, or None if it has none."""
     fs, files = annotation_files(location, storage_options)
-    with fs.open(files[0], "rb") as handle:
+    with fs.open(files[0], "rb") as handle, naming_damage(files[0]):
         return read_metadata(pq.read_schema(handle))
+
+
+@contextlib.contextmanager
+def naming_damage(path: str):
+    """Arrow's errors about a file's bytes ("magic bytes not found") as DamagedPart naming the file."""
+    try:
+        yield
+    except pa.ArrowException as error:
+        raise DamagedPart(damaged_message(path, error)) from None
 
 
 @dataclass

@@ -2,14 +2,14 @@
 
 The pipeline: read the annotations (Parquet) -> pick each image's faces (filters, resume) ->
 FaceCropper actors (read the image, warp each face, encode it) -> each actor commits its batch as
-one part with jobs.parts' protocol (atomic, named by its paths) -> small summaries to the driver.
-The chips' bytes never pass through the driver.
+one part through jobs/output's PartWriter (fenced, retried, atomic, named by its paths) -> small
+summaries to the driver. The chips' bytes never pass through the driver; a batch is a part, so a
+kill loses at most one batch per actor.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import posixpath
@@ -28,10 +28,9 @@ from mtcnn.align import ALIGN_METHODS, AlignError, align_face, transform_points
 
 from .annotation_files import annotation_files, check_schema, run_metadata_of
 from .decode import DEFAULT_MAX_PIXELS
-from .parts import (Lease, OutputError, commit_file, committed_parts, new_owner, parquet_bytes, part_name,
-                    remove_stale_temporaries)
+from .data_context import ray_data_context
+from .output import OutputMode, PartsOutput, PartWriter, path_digests
 from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_image
-from .run_state import path_digests, redo_mask
 from .storage import filesystem, is_remote, join, parse_storage_options
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,6 @@ log = logging.getLogger(__name__)
 #: Key of the crops run's settings (JSON) in each part's key-value metadata.
 METADATA_KEY = b"mtcnn_jobs.crops"
 FACE_CHOICES = ("all", "largest", "best")
-#: Attempts after the first to commit a part while the store is unreachable.
-COMMIT_RETRIES = 4
 #: CPU share of the read and face-choosing tasks.
 LIGHT_CPUS = 0.25
 IMAGE_FORMATS = ("jpeg", "png")
@@ -113,6 +110,7 @@ class CropsConfig:
     storage_options: dict = field(default_factory=dict)
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Log a progress line every progress_seconds (Ray Data's own bars: RAY_DATA_PROGRESS=1).
     show_progress: bool = True
     progress_seconds: float = 30.0
 
@@ -207,15 +205,13 @@ def chip_file_name(path: str, face: int, common_root: str, extension: str) -> st
 class FaceCropper:
     """Ray Data actor: cuts the chosen faces of a batch of images and commits them as one part."""
 
-    def __init__(self, settings: CropSettings, output: str, storage_options: dict, metadata: dict,
-                 files: str | None, common_root: str, max_pixels: int, owner: str) -> None:
+    def __init__(self, settings: CropSettings, writer: PartWriter, storage_options: dict,
+                 files: str | None, common_root: str, max_pixels: int) -> None:
         # Ray gives each actor its CPU share; OpenCV's own threads would fight the other actors.
         cv2.setNumThreads(1)
         self.settings = settings
-        self.owner = owner
-        self.output = output
+        self.writer = writer
         self.storage_options = storage_options
-        self.schema = CROP_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
         self.files = files
         self.common_root = common_root
         self.policy = ReadPolicy(max_pixels=max_pixels)
@@ -238,24 +234,10 @@ class FaceCropper:
             except Exception as error:  # noqa: BLE001 - one image's failure becomes its error row
                 rows.append(_error_row(path, f"cutting failed: {type(error).__name__}: {first_line(error)}",
                                        TRANSIENT))
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+        table = pa.Table.from_pylist(rows, schema=CROP_SCHEMA)
         # The part is the batch's write: committed whole, named by its paths, so a retried task
         # replaces it rather than adding a second copy of its rows.
-        name = part_name(paths)
-        data = parquet_bytes(table)
-        for attempt in range(COMMIT_RETRIES + 1):
-            try:
-                # Fencing, as annotate: a cropper left over from a job whose driver died must not
-                # write into an OUTPUT that a newer job now holds (their rows would be there twice).
-                Lease(self.output, self.storage_options, self.owner).check()
-                commit_file(self.output, name, data, self.storage_options)
-                break
-            except OSError:
-                # The store is unreachable for a moment; the part is whole in memory, so wait and
-                # try again. The last failure fails the task, which Ray Data retries.
-                if attempt == COMMIT_RETRIES:
-                    raise
-                time.sleep(0.5 * 2 ** attempt)
+        name = self.writer.commit(table).rsplit("/", 1)[-1]
         errors = table.num_rows - table.column("error").null_count
         return pa.table({"part": [name], "images": [len(paths)], "crops": [table.num_rows - errors],
                          "errors": [errors]})
@@ -314,46 +296,9 @@ def settings_metadata(config: CropsConfig, source: dict | None) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def prepare_output(config: CropsConfig, metadata: dict) -> tuple[np.ndarray, int, int]:
-    """Check OUTPUT; clear it (--overwrite) or index it: (sorted digests of paths done, parts, rows to redo)."""
-    fs, root = filesystem(config.output, config.storage_options)
-    if not is_remote(config.output):
-        os.makedirs(root, exist_ok=True)
-        remove_stale_temporaries(config.output)
-    parts = committed_parts(config.output, config.storage_options)
-    if parts and config.overwrite:
-        fs.rm(parts)
-        log.info("--overwrite: removed %d parts of earlier runs from %s", len(parts), config.output)
-        parts = []
-    if not parts:
-        return np.zeros(0, dtype="S16"), 0, 0
-    with fs.open(parts[0], "rb") as handle:
-        raw = (pq.read_schema(handle).metadata or {}).get(METADATA_KEY)
-    earlier = json.loads(raw) if raw else {}
-    if earlier.get("settings") != metadata["settings"]:
-        raise OutputError(f"OUTPUT {config.output} holds chips made with other settings ({earlier.get('settings')}); "
-                          "pass --overwrite to replace them or choose another OUTPUT")
-    done, redo = [], 0
-    for path in parts:
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["path", "error", "error_kind"])
-        mask = redo_mask(table, retry_errors=False)
-        count = int(pc.sum(mask).as_py() or 0)
-        if count:
-            # Transient error rows leave their part (rewritten in place, atomically) before their
-            # images are redone, so no face ever has two rows; a kill in between only redoes them.
-            with fs.open(path, "rb") as handle:
-                full = pq.read_table(handle)
-            kept = full.filter(pc.invert(mask))
-            if kept.num_rows:
-                commit_file(config.output, path.rsplit("/", 1)[-1], parquet_bytes(kept), config.storage_options)
-            else:
-                fs.rm_file(path)
-            table = table.filter(pc.invert(mask))
-            redo += count
-        done.append(path_digests(table.column("path").to_pylist()))
-    digests = np.unique(np.concatenate(done)) if done else np.zeros(0, dtype="S16")
-    return digests, len(parts), redo
+def crop_settings_of(metadata: dict) -> dict:
+    """The part of a crops run's metadata that changes its rows."""
+    return {"settings": metadata.get("settings")}
 
 
 def common_root(location: str, storage_options: dict) -> str:
@@ -380,9 +325,6 @@ def common_root(location: str, storage_options: dict) -> str:
 
 def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None = None) -> CropsSummary:
     """Run the crops job; on_batch is called after each committed part."""
-    import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     from .ray_env import init_ray
 
     started = time.perf_counter()
@@ -391,24 +333,33 @@ def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None =
         schema = pq.read_schema(handle)
     check_schema(schema, files[0])
     metadata = settings_metadata(config, run_metadata_of(config.annotations, config.storage_options))
-    owner = new_owner()
-    lease = Lease(config.output, config.storage_options, owner)
-    if not is_remote(config.output):
-        os.makedirs(filesystem(config.output)[1], exist_ok=True)
-    lease.acquire()
+    output = PartsOutput(config.output, config.storage_options, METADATA_KEY, metadata, crop_settings_of, "crops",
+                         mode=OutputMode.RESTART if config.overwrite else OutputMode.RESUME)
+    output.check()
+    output.open()
     summary = CropsSummary()
     try:
-        done, _, summary.redo = prepare_output(config, metadata)
+        index = output.scan()
+        done, summary.redo = index.done, index.redo
         summary.skipped = len(done)
         log.info("%d images already cut in %s (%d transient error rows to redo)", len(done), config.output,
                  summary.redo)
         root = common_root(config.annotations, config.storage_options) if config.files else ""
         init_ray(config.address)
-        from ray.data import DataContext
+        _run_pipeline(config, output, files, fs, schema, done, root, summary, started, on_batch)
+    finally:
+        output.close()
+        summary.seconds = time.perf_counter() - started
+    return summary
 
-        context = DataContext.get_current()
-        context.enable_progress_bars = config.show_progress
-        context.execution_options.preserve_order = False
+
+def _run_pipeline(config: CropsConfig, output: PartsOutput, files: list[str], fs, schema, done, root: str,
+                  summary: CropsSummary, started: float, on_batch) -> None:
+    """read annotations -> select faces -> FaceCropper actors (each commits its part) -> summaries."""
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    with ray_data_context():
         columns = [c for c in ("path", "width", "height", "faces", "error") if c in schema.names]
         # Local paths as they are; object stores through the same fsspec filesystem (and options) as
         # everything else, so endpoints and credentials work the same way for Ray's readers.
@@ -423,27 +374,22 @@ def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None =
         dataset = dataset.map_batches(
             FaceCropper, batch_size=config.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=config.cpus_per_actor,
-            fn_constructor_kwargs={"settings": config.settings, "output": config.output,
-                                   "storage_options": config.storage_options, "metadata": metadata,
-                                   "files": config.files, "common_root": root, "max_pixels": config.max_pixels,
-                                   "owner": owner})
+            fn_constructor_kwargs={"settings": config.settings, "writer": output.writer(),
+                                   "storage_options": config.storage_options,
+                                   "files": config.files, "common_root": root, "max_pixels": config.max_pixels})
         last_report = time.monotonic()
         for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             summary.parts += rows.num_rows
             summary.images += int(pc.sum(rows.column("images")).as_py() or 0)
             summary.crops += int(pc.sum(rows.column("crops")).as_py() or 0)
             summary.errors += int(pc.sum(rows.column("errors")).as_py() or 0)
-            if time.monotonic() - last_report >= config.progress_seconds:
+            if config.show_progress and time.monotonic() - last_report >= config.progress_seconds:
                 last_report = time.monotonic()
                 elapsed = time.perf_counter() - started
                 log.info("%d images, %d crops, %d errors, %.1f crops/s, %d parts", summary.images,
                          summary.crops, summary.errors, summary.crops / elapsed, summary.parts)
             if on_batch is not None:
                 on_batch(summary)
-    finally:
-        lease.release()
-        summary.seconds = time.perf_counter() - started
-    return summary
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -476,7 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="larger images become error rows (default 100e6)")
     parser.add_argument("--storage-options", default=None,
                         help="JSON object of fsspec/s3fs options, e.g. credentials or endpoint_url")
-    parser.add_argument("--overwrite", action="store_true", help="remove earlier chips in OUTPUT instead of resuming")
+    parser.add_argument("--restart", "--overwrite", dest="overwrite", action="store_true",
+                        help="remove earlier chips in OUTPUT and start over, instead of resuming")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 
 from mtcnn.align import template_points
 
-from .parts import committed_parts
+from .output.parts import committed_parts
 from .storage import filesystem, parse_storage_options
 
 # Landmark colours (BGR for OpenCV): left eye, right eye, nose, left and right mouth corner.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -17,6 +19,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     """
     if ray.is_initialized():
         return
+    # ray.init installs its own SIGTERM handler, which exits at once (status 15): the command's
+    # handler (a stop that commits what is made, then exit status 130) is put back after it.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    try:
+        _init(address, num_cpus, dashboard)
+    finally:
+        if on_main_thread and saved is not None:
+            signal.signal(signal.SIGTERM, saved)
+
+
+def _init(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:

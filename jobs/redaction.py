@@ -98,9 +98,16 @@ def _name_words(name: str) -> list[str]:
     return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
 
 
+#: Last words of a name that say its value describes a credential's kind, not the credential:
+#: RAY_AUTH_MODE=disabled, TOKEN_TYPE=bearer, AUTH_METHOD=iam.
+SETTING_NAME_ENDS = ("mode", "type", "method", "scheme", "enabled", "required", "version", "kind")
+
+
 def is_secret_name(name: str) -> bool:
     """Whether a name (option key, variable, header, query parameter) says it holds a credential."""
     words = _name_words(str(name))
+    if len(words) > 1 and words[-1] in SETTING_NAME_ENDS:
+        return False
     joined = "".join(words)
     return any(part in joined for part in SECRET_NAME_PARTS) or any(w in SECRET_NAME_WORDS for w in words)
 

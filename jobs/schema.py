@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import platform
 from dataclasses import asdict
@@ -11,6 +12,18 @@ import numpy as np
 import pyarrow as pa
 
 from mtcnn import Detections, DetectorConfig
+
+class ErrorKind(str, enum.Enum):
+    """Whose fault an error row is, which decides whether a later run redoes it."""
+
+    #: The file's own (gone, not an image, over a limit): final.
+    PERMANENT = "permanent"
+    #: Anything else (network, credentials, memory, a file changing while read): the next run redoes it.
+    TRANSIENT = "transient"
+    #: Its worker process died on it twice in this run (a decoder crash, the OOM killer, a kill
+    #: from outside): the next run tries it once more, alone, and only a second run's deaths are final.
+    CRASHED = "crashed"
+
 
 #: Key of the run metadata (JSON) in each Parquet file's key-value metadata.
 METADATA_KEY = b"mtcnn_jobs.annotate"
@@ -27,7 +40,7 @@ ANNOTATION_SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("faces", pa.list_(FACE_TYPE)),
     pa.field("error", pa.string()),
-    # 'permanent' (the file's own fault: final) or 'transient' (redone by the next run); null if no error.
+    # An ErrorKind value: 'permanent' (final), 'transient' or 'crashed' (redone by the next run); null if no error.
     pa.field("error_kind", pa.string()),
 ])
 
@@ -94,14 +107,21 @@ def read_annotations(output: str, storage_options: dict | None = None,
     """The committed rows of an annotate OUTPUT as one Arrow table (for tools on small outputs)."""
     import pyarrow.dataset as pads
 
-    from .parts import committed_parts
+    from .output.parts import committed_parts
     from .storage import filesystem
 
     parts = committed_parts(output, storage_options)
     if not parts:
         raise FileNotFoundError(f"no annotate results (part-*.parquet) under {output}")
     fs, _ = filesystem(output, storage_options)
-    return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
+    try:
+        return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
+    except pa.ArrowException:
+        from .output.parts import read_part
+
+        for part in parts:  # which one: read each on its own, to name it
+            read_part(fs, part, columns)
+        raise
 
 
 def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: dict,

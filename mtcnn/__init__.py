@@ -1,11 +1,13 @@
 """MTCNN face detection: P-Net, R-Net and O-Net with five landmarks."""
 
 from .detector import DetectorConfig, Detections, FaceDetector
+from .memory import downscaled_min_face, estimate_peak_bytes, scale_to_fit, scaled_size
 from .nets import ONet, PNet, RNet
 from .weights import CascadeWeights, WeightsError, load_weights, save_weights
 
 __all__ = [
     "CascadeWeights", "DetectorConfig", "Detections", "FaceDetector", "ONet", "PNet", "RNet",
-    "WeightsError", "load_weights", "save_weights",
+    "WeightsError", "downscaled_min_face", "estimate_peak_bytes", "load_weights", "save_weights",
+    "scale_to_fit", "scaled_size",
 ]
 __version__ = "0.1.0"

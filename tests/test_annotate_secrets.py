@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from jobs.parts import committed_parts
+from jobs.output import committed_parts
 from jobs.storage import filesystem
 from secret_shapes import all_secrets, build_corpus, scan, scan_tree
 

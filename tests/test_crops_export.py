@@ -14,7 +14,7 @@ from jobs.annotate_job import AnnotateConfig, annotate
 from jobs.cli import main
 from jobs.crops import CropsConfig, CropSettings, chip_file_name, crops, select_faces
 from jobs.decode import decode_image
-from jobs.parts import committed_parts
+from jobs.output import committed_parts
 from mtcnn import DetectorConfig, FaceDetector
 from mtcnn.align import ARCFACE_TEMPLATE, align_face, template_points, transform_points, umeyama
 
@@ -336,7 +336,7 @@ def test_landmark_error_of_stored_predictions_equals_detecting_again(annotated, 
 def test_select_faces_filters_and_skips_done_images():
     import pyarrow as pa
 
-    from jobs.run_state import path_digests
+    from jobs.output import path_digests
     from jobs.schema import FACE_TYPE
 
     face = lambda x, size, score: {"box": [x, 0, x + size, size], "score": score, "landmarks": [0.0] * 10}
@@ -355,7 +355,7 @@ def test_select_faces_filters_and_skips_done_images():
 
 
 def test_an_output_held_by_another_job_stops_crops_before_any_work(annotated, tmp_path):
-    from jobs.parts import Lease, OutputError
+    from jobs.output import Lease, OutputError
 
     _, output = annotated
     out = tmp_path / "held"

@@ -365,7 +365,7 @@ def test_prepare_errors_hold_no_secret(capsys):
 
 def _results_with_every_shape(folder: Path) -> None:
     """An annotate-format part file as an older run (before paths lost their credentials) wrote it."""
-    from jobs.parts import PART_PREFIX
+    from jobs.output.parts import PART_PREFIX
 
     face = pa.struct([("box", pa.list_(pa.float32())), ("score", pa.float32()),
                       ("landmarks", pa.list_(pa.float32()))])
@@ -419,3 +419,10 @@ def test_evaluate_metrics_hold_no_secret_from_the_weights_provenance(tmp_path, c
 def test_environment_is_untouched_by_the_corpus():
     # The corpus must never reach this process's environment (other tests' Ray and S3 use it).
     assert not scan(SECRETS, "\n".join(f"{k}={v}" for k, v in os.environ.items()))
+
+
+def test_settings_that_name_an_auth_kind_are_not_masked():
+    from jobs.redaction import redact_text
+
+    assert redact_text("set RAY_AUTH_MODE=disabled to turn it off") == "set RAY_AUTH_MODE=disabled to turn it off"
+    assert "hunter2" not in redact_text("RAY_AUTH_TOKEN=hunter2 AUTH=hunter2")

@@ -100,3 +100,14 @@ def test_a_parquet_manifest_is_cut_at_row_groups(tmp_path):
     shards = plan_shards(str(tmp_path / "m.parquet"))
     assert len(shards) == 3  # ~100k paths each, cut where row groups end
     assert [p for shard in shards for chunk in shard.chunks() for p in chunk] == paths
+
+
+def test_a_store_other_than_s3_is_listed_by_fsspec_find():
+    folder = f"/sources-{uuid.uuid4().hex[:8]}"
+    fs, _ = filesystem(f"memory://{folder}")
+    fs.pipe({f"{folder}/in/b.jpg": b"x", f"{folder}/in/a/c.PNG": b"x", f"{folder}/in/notes.txt": b"x"})
+    try:
+        assert list_inputs(f"memory://{folder}/in") == [f"memory://{folder}/in/a/c.PNG",
+                                                        f"memory://{folder}/in/b.jpg"]
+    finally:
+        fs.rm(folder, recursive=True)

@@ -1,0 +1,207 @@
+"""The annotate job when things fail for real: stops, kills, store outages, a full disk, damaged parts.
+
+Each test ends with exactly one row per input after the job (and, where the fault stops it, a rerun)
+is done. Processes are real and killed for real; the store is moto's S3 server over HTTP, stopped
+for real; the full disk is a real tmpfs. Tests wait for states (a file, a part, a process), never
+for a guessed time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobs.annotate_job import AnnotateConfig, annotate
+from jobs.output import committed_parts
+from jobs.storage import filesystem
+
+from test_annotate_faults import DATA, cli, output_rows, photo_folder, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+
+
+def ray_processes(title: bytes) -> list[int]:
+    """Processes whose Ray title (cmdline 'ray::<title>...') names title."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::" + title):
+                pids.append(int(entry))
+    return pids
+
+
+def assert_one_row_each(output: str, paths: list[str], faces: int | None = 1) -> list[tuple]:
+    rows = output_rows(output)
+    assert sorted(path for path, *_ in rows) == sorted(paths)  # each once, none lost
+    if faces is not None:
+        assert all(count == faces and error is None for _, count, error, _ in rows), rows
+    return rows
+
+
+def test_sigterm_commits_the_rows_already_made_and_exits_130(ray_session, tmp_path):
+    paths = photo_folder(tmp_path / "images", 40)
+    output = str(tmp_path / "out")
+    received = tmp_path / "received"
+    # Neither size (1,000 rows) nor time (an hour) would commit anything before the end.
+    job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
+               "--rows-per-file", "1000", "--commit-seconds", "3600"],
+              env={"MTCNN_JOBS_FAILPOINTS": f"rows_received={received}"})
+    wait_for(lambda: received.exists() and int(received.read_text() or 0) >= 3 or job.poll() is not None,
+             300, "three rows at the driver")
+    assert job.poll() is None, job.communicate()
+    assert not committed_parts(output)
+    job.send_signal(signal.SIGTERM)  # `ray job stop`, a scheduler's time-out, a drained node
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err
+    made = int(received.read_text())
+    rows = output_rows(output)
+    assert len(rows) == made >= 3 and len({path for path, *_ in rows}) == made
+    summary = annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
+    assert summary.skipped == made and summary.images == 40 - made
+    assert_one_row_each(output, paths)
+
+
+def test_rows_are_committed_every_commit_seconds_so_a_kill_loses_little(ray_session, tmp_path):
+    paths = photo_folder(tmp_path / "images", 40)
+    output = str(tmp_path / "out")
+    job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
+               "--rows-per-file", "1000", "--commit-seconds", "2"])
+    # Parts far smaller than --rows-per-file appear while the job runs.
+    wait_for(lambda: committed_parts(output) or job.poll() is not None, 300, "a part committed by time")
+    assert job.poll() is None, job.communicate()
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    before = len(output_rows(output))
+    assert 0 < before < 40
+    annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
+    assert_one_row_each(output, paths)
+
+
+def test_an_s3_outage_of_20_seconds_is_waited_out(ray_session, s3_server, stop_s3_for, tmp_path):
+    bucket = f"outage-{uuid.uuid4().hex[:8]}"
+    fs, _ = filesystem(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    paths = photo_folder(tmp_path / "images", 16)
+    config = AnnotateConfig(str(tmp_path / "images"), f"s3://{bucket}/out", batch_size=2, rows_per_file=2,
+                            concurrency=1, show_progress=False)
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=annotate(config)))
+    job.start()
+    wait_for(lambda: (fs.invalidate_cache() or True) and fs.glob(f"{bucket}/out/part-*"), 240, "a first part")
+    stop_s3_for(20.0)  # commits (and their fencing reads) fail with EndpointConnectionError meanwhile
+    job.join(timeout=300)
+    assert not job.is_alive() and result["summary"].images == 16
+    fs.invalidate_cache()
+    rows = output_rows_s3(fs, f"s3://{bucket}/out")
+    assert sorted(rows) == sorted(paths)
+
+
+def output_rows_s3(fs, output: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [path for part in committed_parts(output)
+            for path in pq.read_table(fs.open(part, "rb"), columns=["path"]).column("path").to_pylist()]
+
+
+def test_a_store_that_stays_down_ends_the_job_with_one_line_and_exit_1(ray_session, s3_server, stop_s3_for,
+                                                                       tmp_path):
+    bucket = f"down-{uuid.uuid4().hex[:8]}"
+    fs, _ = filesystem(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    paths = photo_folder(tmp_path / "images", 40)
+    output = f"s3://{bucket}/out"
+    job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
+               "--rows-per-file", "2", "--store-patience", "5"])
+    wait_for(lambda: (fs.invalidate_cache() or True) and fs.glob(f"{bucket}/out/part-*") or job.poll() is not None,
+             300, "a first part")
+    assert job.poll() is None, job.communicate()
+    outage = threading.Thread(target=stop_s3_for, args=(60.0,))
+    outage.start()
+    try:
+        _, err = job.communicate(timeout=120)  # well before the store is back
+    finally:
+        outage.join()
+    assert job.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs annotate:")]
+    assert len(lines) == 1 and "did not answer" in lines[0] and "Traceback" not in err, err
+    annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
+    fs.invalidate_cache()
+    assert sorted(output_rows_s3(fs, output)) == sorted(paths)
+
+
+def test_the_run_state_actor_killed_mid_job_is_rebuilt_and_nothing_is_lost_or_twice(ray_session, tmp_path):
+    paths = photo_folder(tmp_path / "images", 24)
+    output = str(tmp_path / "out")
+    killed: list[int] = []
+
+    def kill_run_state(summary) -> None:
+        if not killed and summary.images >= 2:
+            for pid in ray_processes(b"RunState"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    config = AnnotateConfig(str(tmp_path / "images"), output, batch_size=1, concurrency=1, rows_per_file=3,
+                            show_progress=False)
+    summary = annotate(config, on_rows=kill_run_state)
+    assert killed, "no RunState process was found to kill"
+    assert summary.images == 24
+    assert_one_row_each(output, paths)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_ends_the_job_with_one_line_and_no_temporary_left(tmp_path):
+    paths = photo_folder(tmp_path / "images", 30)
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        output = str(disk / "out")
+        # Each part is about 4 KB: the disk fills after a dozen or so.
+        job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--rows-per-file", "1"])
+        _, err = job.communicate(timeout=400)
+        assert job.returncode == 1, err
+        lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs annotate:")]
+        assert len(lines) == 1 and "no space left" in lines[0] and "Traceback" not in err, err
+        assert not [name for name in os.listdir(output) if name.endswith(".tmp")]
+        kept = output_rows(output)
+        assert 0 < len(kept) < 30 and len({path for path, *_ in kept}) == len(kept)
+        # Space again: the same command goes on from what was committed.
+        shutil.copytree(output, tmp_path / "out")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    annotate(AnnotateConfig(str(tmp_path / "images"), str(tmp_path / "out"), show_progress=False))
+    assert_one_row_each(str(tmp_path / "out"), paths)
+
+
+def test_a_damaged_part_is_named_by_annotate_export_and_evaluate(ray_session, tmp_path):
+    photo_folder(tmp_path / "images", 6)
+    output = tmp_path / "out"
+    annotate(AnnotateConfig(str(tmp_path / "images"), str(output), rows_per_file=2, show_progress=False))
+    damaged = committed_parts(str(output))[1]
+    data = Path(damaged).read_bytes()
+    Path(damaged).write_bytes(data[: len(data) // 2])  # a copy cut short
+    name = Path(damaged).name
+    for args in (["annotate", str(tmp_path / "images"), str(output)],
+                 ["export", str(output), "--format", "csv", str(tmp_path / "faces.csv")]):
+        job = cli(args)
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 1, err
+        lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs")]
+        assert len(lines) == 1 and name in lines[0] and ".damaged" in lines[0] and "Traceback" not in err, err
+    # Set aside as the message says, the part's images are annotated again.
+    os.rename(damaged, damaged + ".damaged")
+    annotate(AnnotateConfig(str(tmp_path / "images"), str(output), show_progress=False))
+    assert len(output_rows(str(output))) == 6
