@@ -100,7 +100,7 @@ def generated_rows(rows: int, folder: Path, part_rows: int = 100_000) -> None:
 
 def export_times(rows: int, wider_rows: int, work: Path) -> None:
     """Print the seconds each export format takes over generated rows."""
-    from jobs.export import ExportConfig, export
+    from jobs.export_job import ExportConfig, export
 
     for count in sorted({rows, wider_rows}):
         started = time.perf_counter()

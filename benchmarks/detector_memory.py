@@ -13,7 +13,7 @@ Sources: "astronaut" (tests/data/astronaut.png resized to each size, one large f
 each size: many faces, many P-Net candidates).
 
     python benchmarks/detector_memory.py [--sizes 640x480,1920x1080] [--sources astronaut,crowd]
-        [--pyramids classic,dynamic] [--threads 1] [--large]
+        [--pyramids classic,dynamic] [--threads 1] [--precision fp32] [--large]
 
 --large adds 9000x9000 (81 Mpx, about 90 s and 6 GB on one thread). Prints one row per run:
 size, megapixels, measured peak MB, estimate MB, estimate / measured, seconds, faces, and which
@@ -88,7 +88,8 @@ def make_image(source: str, width: int, height: int):
     return np.ascontiguousarray(np.tile(tile, reps)[:height, :width])
 
 
-def measure(width: int, height: int, source: str, pyramid: str, threads: int) -> dict:
+def measure(width: int, height: int, source: str, pyramid: str, threads: int,
+            precision: str = "fp32") -> dict:
     """One detect call in this process: its peak memory beyond the baseline, and its time."""
     import torch
 
@@ -96,7 +97,7 @@ def measure(width: int, height: int, source: str, pyramid: str, threads: int) ->
     from mtcnn.memory import estimate_peak_bytes, phase_bytes
 
     torch.set_num_threads(threads)
-    config = DetectorConfig(pyramid=pyramid)
+    config = DetectorConfig(pyramid=pyramid, precision=precision)
     detector = FaceDetector(config=config)
     image = make_image(source, width, height)
     release_free_heap()
@@ -107,17 +108,19 @@ def measure(width: int, height: int, source: str, pyramid: str, threads: int) ->
     seconds = time.perf_counter() - start
     peak_kib = status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     phases = phase_bytes(height, width, config)
-    return {"width": width, "height": height, "source": source, "pyramid": pyramid,
+    return {"width": width, "height": height, "source": source, "pyramid": pyramid, "precision": precision,
             "baseline_mb": baseline_kib / 1024, "peak_extra_mb": (peak_kib - baseline_kib) / 1024,
             "estimate_mb": estimate_peak_bytes(height, width, config) / 2**20,
             "largest_phase": max(phases, key=phases.get), "seconds": seconds,
             "faces": len(found[0]), "exact_reset": exact, "threads": torch.get_num_threads()}
 
 
-def measure_in_subprocess(width: int, height: int, source: str, pyramid: str, threads: int) -> dict:
+def measure_in_subprocess(width: int, height: int, source: str, pyramid: str, threads: int,
+                          precision: str = "fp32") -> dict:
     """measure() in a fresh interpreter; its JSON result."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{width}x{height}",
-               "--sources", source, "--pyramids", pyramid, "--threads", str(threads)]
+               "--sources", source, "--pyramids", pyramid, "--threads", str(threads),
+               "--precision", precision]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if done.returncode != 0:
@@ -151,29 +154,34 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=parse_sizes, default=None, help="WxH,WxH (default: a spread to 6000x6000)")
+    parser.add_argument("--sizes", type=parse_sizes, default=None,
+                        help="WxH,WxH (default: a spread to 6000x6000)")
     parser.add_argument("--large", action="store_true", help="add 9000x9000 (about 90 s, 6 GB)")
     parser.add_argument("--sources", default="astronaut,crowd")
     parser.add_argument("--pyramids", default="classic")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--worker", type=parse_sizes, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         (width, height), = args.worker
-        print(json.dumps(measure(width, height, args.sources, args.pyramids, args.threads)))
+        print(json.dumps(measure(width, height, args.sources, args.pyramids, args.threads,
+                                args.precision)))
         return
 
     import torch
 
     sizes = (args.sizes or SIZES) + (LARGE if args.large else [])
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.threads} thread(s) per detect")
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.threads} thread(s) per detect, "
+          f"precision {args.precision}")
     header = (f"{'size':>11} {'Mpx':>5} {'source':>9} {'pyramid':>8} {'peak MB':>8} {'estimate MB':>11} "
               f"{'est/peak':>8} {'s':>6} {'faces':>5}  largest phase")
     print(header)
     for pyramid in args.pyramids.split(","):
         for width, height in sizes:
             for source in args.sources.split(","):
-                row = measure_in_subprocess(width, height, source, pyramid, args.threads)
+                row = measure_in_subprocess(width, height, source, pyramid, args.threads,
+                                            args.precision)
                 note = "" if row["exact_reset"] else " (ru_maxrss: clear_refs refused)"
                 print(f"{width:>5}x{height:<5} {width * height / 1e6:5.1f} {source:>9} {pyramid:>8} "
                       f"{row['peak_extra_mb']:8.0f} {row['estimate_mb']:11.0f} "

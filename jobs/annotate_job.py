@@ -19,12 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtcnn import Detections, DetectorConfig, FaceDetector
+from mtcnn import Detections, DetectorConfig, FaceDetector, estimate_peak_bytes, in_original, scale_to_fit, shrunk
 from mtcnn.weights import CascadeWeights
 
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .data_context import ray_data_context
-from .output import CommitBuffer, OutputError, OutputMode, PartsOutput, StorePatience, part_name, path_digests
+from .output import (CommitBuffer, OutputError, OutputFull, OutputMode, PartsOutput, StorePatience,
+                     StoreUnavailable, part_name, path_digests)
 from .progress import ProgressLine
 from .reading import ReadFailure, ReadPolicy, first_line, read_image
 from .run_state import MAX_STRIKES, RunState
@@ -44,46 +45,72 @@ class JobStopped(RuntimeError):
     exit_status = 1  # not the input's fault either: 2 is for bad input
 
 
+def _concurrency(text: str) -> int | tuple[int, int]:
+    """N, or MIN,MAX."""
+    if "," in text:
+        low, high = text.split(",", 1)
+        return int(low), int(high)
+    return int(text)
+
+
 @dataclass
 class AnnotateConfig:
-    """Everything one annotate run needs."""
+    """Everything one annotate run needs: the one declaration of each setting, its flag and its help
+    (jobs/settings.py builds `mtcnn-jobs annotate`'s options and reads --config YAML from it)."""
 
-    input: str
-    output: str
+    input: str = field(metadata={"positional": True, "metavar": "INPUT", "help": (
+        "folder, object-store prefix (s3://bucket/prefix) or manifest (.txt, one path a line; "
+        ".parquet with a 'path' column)")})
+    output: str = field(metadata={"positional": True, "metavar": "OUTPUT",
+                                  "help": "folder or object-store prefix for the Parquet files"})
     #: 'reference', a weights file or run folder, or weights already loaded.
-    weights: str | CascadeWeights = "reference"
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    #: Ray cluster to connect to; None starts an embedded local instance.
-    address: str | None = None
-    #: GPUs per detector actor (fractions share a GPU); 0 runs the nets on CPU.
-    num_gpus: float = 0.0
-    #: CPUs per detector actor; also its torch threads. None: 1.
-    cpus_per_actor: float | None = None
-    #: Detector actors: a fixed count, or (min, max) for a pool that grows with the cluster.
-    #: None: as many as the cluster's GPUs (or CPUs) allow now, growing to twice that.
-    concurrency: int | tuple[int, int] | None = None
-    #: Images per detector call.
-    batch_size: int = 16
-    storage_options: dict = field(default_factory=dict)
-    overwrite: bool = False
-    #: Redo every error row of earlier runs (by default only transient ones are redone).
-    retry_errors: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
-    #: Retries of a transient read failure, with exponential backoff from 0.5 s.
-    read_retries: int = 4
-    #: Decoded pixels an actor holds at once; a batch is cut into detector calls under it.
-    pixels_in_flight: int = 64_000_000
-    #: Rows per Parquet part (a part is committed when it is full, after commit_seconds, or at a stop).
-    rows_per_file: int = 4096
-    #: Seconds a made row may wait before it is committed: what a SIGKILL or a lost node loses at most.
-    commit_seconds: float = 60.0
-    #: Seconds to keep retrying a store (OUTPUT) that does not answer before the job gives up.
-    store_patience_seconds: float = 300.0
-    #: Decode in separate CPU tasks (True), inside the detector actors (False), or None: only
-    #: when the actors use GPUs, so that CPUs feed them; on CPUs it saves copying pixels around.
-    separate_decode: bool | None = None
-    show_progress: bool = True
+    weights: str | CascadeWeights = field(default="reference", metadata={
+        "parse": str, "help": "'reference', a weights file, or a training run folder"})
+    detector: DetectorConfig = field(default_factory=DetectorConfig, metadata={
+        "nested": "", "fields": ("min_face_size", "thresholds", "scale_factor", "pyramid", "precision")})
+    address: str | None = field(default=None, metadata={
+        "help": "Ray cluster address (default: embedded local Ray)"})
+    num_gpus: float = field(default=0.0, metadata={
+        "help": "GPUs per detector actor, fractions allowed (0: CPU)"})
+    cpus_per_actor: float | None = field(default=None, metadata={
+        "help": "CPUs (and torch threads) per detector actor (default 1)"})
+    concurrency: int | tuple[int, int] | None = field(default=None, metadata={"parse": _concurrency, "help": (
+        "detector actors: N, or MIN,MAX for a pool that scales with the cluster (default: one per GPU "
+        "share or per --cpus-per-actor CPUs; on a cluster up to twice that)")})
+    batch_size: int = field(default=16, metadata={"help": "images per detector call"})
+    storage_options: dict = field(default_factory=dict, metadata={
+        "help": "JSON object of fsspec/s3fs options, e.g. credentials or endpoint_url"})
+    overwrite: bool = field(default=False, metadata={
+        "flag": "--restart", "aliases": ("--overwrite",),
+        "help": "remove earlier results in OUTPUT and start over, instead of resuming"})
+    retry_errors: bool = field(default=False, metadata={
+        "help": "redo every error row of earlier runs (default: only transient and crashed ones)"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "larger images become error rows, checked before decoding"})
+    max_bytes: int = field(default=DEFAULT_MAX_BYTES, metadata={
+        "help": "larger files become error rows, checked before reading"})
+    read_retries: int = field(default=4, metadata={
+        "help": "retries of a read that fails for a transient reason, with backoff from 0.5 s"})
+    pixels_in_flight: int = field(default=64_000_000, metadata={
+        "help": "decoded pixels an actor holds at once; a batch is cut into detector calls under it"})
+    memory_per_actor: int | None = field(default=None, metadata={"help": (
+        "bytes of memory a detector actor may use (default: its CPU share of its node's or container's "
+        "memory); an image whose detection would need more is detected on a shrunk copy, its row's "
+        "scale says by how much")})
+    max_side: int | None = field(default=None, metadata={"help": (
+        "detect on a copy shrunk so its longer side is at most this many pixels (faster on huge "
+        "images; faces under min-face-size / scale are missed); the row's scale says so")})
+    rows_per_file: int = field(default=4096, metadata={"help": "rows per Parquet part"})
+    commit_seconds: float = field(default=60.0, metadata={"help": (
+        "commit made rows at least this often, in parts smaller than --rows-per-file if need be: "
+        "what a kill loses at most")})
+    store_patience_seconds: float = field(default=300.0, metadata={"flag": "--store-patience", "help": (
+        "seconds to keep retrying an OUTPUT store that does not answer before the job ends with exit "
+        "status 1, every committed part kept")})
+    separate_decode: bool | None = field(default=None, metadata={"help": (
+        "decode in separate CPU tasks rather than in the detector actors (default: only when the "
+        "actors use GPUs, so that CPUs feed them)")})
+    show_progress: bool = field(default=True, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if self.num_gpus < 0:
@@ -278,7 +305,7 @@ class _Journal:
 
 
 class _Rows:
-    """What a batch's output rows will say: size and detections, or an error and its kind."""
+    """What a batch's output rows will say: size, detections and scale, or an error and its kind."""
 
     def __init__(self, batch: pa.Table) -> None:
         count = batch.num_rows
@@ -286,6 +313,7 @@ class _Rows:
         self.detections: list[Detections | None] = [None] * count
         self.errors: list[str | None] = [None] * count
         self.kinds: list[str | None] = [None] * count
+        self.scales: list[float | None] = [None] * count
         if "pixels" in batch.column_names:  # decode tasks' errors come with their pixels
             self.errors = batch.column("error").to_pylist()
             self.kinds = batch.column("error_kind").to_pylist()
@@ -298,13 +326,15 @@ class _Rows:
         """Row index is an error row."""
         self.errors[index], self.kinds[index] = reason, kind
 
-    def detected(self, index: int, image: np.ndarray, found: Detections | str) -> None:
-        """Row index holds what detection found in image (a string: why detection failed)."""
+    def detected(self, item: "_Image", found: Detections | str) -> None:
+        """Row of item holds what detection found (a string: why detection failed)."""
         if isinstance(found, str):
-            self.failed(index, found, TRANSIENT)
-        else:
-            self.detections[index] = found
-            self.sizes[index] = (image.shape[1], image.shape[0])
+            self.failed(item.index, found, TRANSIENT)
+            return
+        height, width = item.original
+        self.detections[item.index] = in_original(found, item.original, item.pixels.shape[:2])
+        self.sizes[item.index] = (width, height)
+        self.scales[item.index] = item.scale if item.scale < 1.0 else None
 
     def counts(self) -> tuple[int, int, int, int]:
         """Rows, faces, error rows and transient error rows, for the progress line."""
@@ -313,12 +343,87 @@ class _Rows:
                 sum(kind in (TRANSIENT, CRASHED) for kind in self.kinds))
 
 
+@dataclass
+class _Image:
+    """One image on its way to the detector: its row, the pixels detected, and how they were shrunk."""
+
+    index: int
+    pixels: np.ndarray
+    original: tuple[int, int]  # height, width as decoded
+    scale: float = 1.0
+    #: Estimated peak memory of detecting it (bytes).
+    cost: int = 0
+
+
+def detection_budget(memory_per_actor: int | None) -> int:
+    """Bytes this actor's detector calls may add: memory_per_actor, or by default this actor's CPU
+    share of the memory its node (or container) has, less what the process holds already."""
+    if memory_per_actor:
+        return max(0, memory_per_actor - _resident_bytes())
+    limit = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), _cgroup_memory_limit())
+    share = 1.0
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("outside Ray")
+        context = ray.get_runtime_context()
+        mine = context.get_assigned_resources().get("CPU", 0.0)
+        total = next((node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+                      if node["NodeID"] == context.get_node_id()), 0.0)
+        if mine and total:
+            share = min(1.0, mine / total)
+    except Exception:  # noqa: BLE001 - outside Ray (tests, tools): the whole machine
+        pass
+    # 80%: the rest of the node (Ray's own processes, decode tasks, the page cache) needs some too.
+    return max(0, int(0.8 * limit * share) - _resident_bytes())
+
+
+def _cgroup_memory_limit() -> int:
+    """The smallest memory limit of this process's cgroup and its ancestors (v1 or v2), or a huge
+    number where there is none: a container's or a job scheduler's limit is the one that kills."""
+    limit = 1 << 62
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return limit
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder, name = "/sys/fs/cgroup", "memory.max"  # v2
+        elif "memory" in controllers.split(","):
+            folder, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"  # v1
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(folder, *parts[:depth], name)) as handle:
+                    text = handle.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                limit = min(limit, int(text))
+    return limit
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is not there to say)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class FaceAnnotator:
     """Ray Data actor: builds the detector once, then annotates batches of images."""
 
     def __init__(self, weights: CascadeWeights, detector: DetectorConfig, use_gpu: bool,
                  threads: int, storage_options: dict, policy: ReadPolicy,
-                 pixels_in_flight: int = 64_000_000, state=None) -> None:
+                 pixels_in_flight: int = 64_000_000, state=None, memory_per_actor: int | None = None,
+                 max_side: int | None = None) -> None:
         import torch
 
         device = "cpu"
@@ -335,6 +440,9 @@ class FaceAnnotator:
         self.policy = policy
         self.pixels_in_flight = pixels_in_flight
         self.state = state
+        self.max_side = max_side
+        # GPU memory is not what the estimate models; on GPUs only --max-side shrinks.
+        self.budget = detection_budget(memory_per_actor) if device == "cpu" else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """One output row per image of the batch: its faces, or why not."""
@@ -342,23 +450,24 @@ class FaceAnnotator:
         rows = _Rows(batch)
         journal = _Journal(self.state, paths)
         for group in self._groups(batch, rows, journal):
-            for (index, image), found in zip(group, self._detect([image for _, image in group])):
-                rows.detected(index, image, found)
+            for item, found in zip(group, self._detect([item.pixels for item in group])):
+                rows.detected(item, found)
         journal.finish()
         if self.state is not None:
             self.state.add.remote(*rows.counts())
-        return annotation_table(paths, rows.sizes, rows.detections, rows.errors, rows.kinds)
+        return annotation_table(paths, rows.sizes, rows.detections, rows.errors, rows.kinds, rows.scales)
 
     def _groups(self, batch: pa.Table, rows: "_Rows", journal: "_Journal"):
-        """Images to detect in one call each, up to pixels_in_flight; failures to read go to rows."""
+        """Images to detect in one call each, within pixels_in_flight and the memory budget;
+        failures to read go to rows."""
         paths, urls = batch.column("path").to_pylist(), _urls(batch)
         decoded = "pixels" in batch.column_names
         if decoded:
             # Decode tasks made the pixels (GPU clusters); their errors are already in rows.
             pixels = batch.column("pixels").to_pylist()
             shapes = list(zip(batch.column("height").to_pylist(), batch.column("width").to_pylist()))
-        group: list[tuple[int, np.ndarray]] = []
-        group_pixels = 0
+        group: list[_Image] = []
+        group_pixels = group_cost = 0
         for index, path in enumerate(paths):
             if rows.errors[index] is not None:
                 continue
@@ -371,7 +480,7 @@ class FaceAnnotator:
                 # Split: an image that was in flight when a worker died is tried on its own.
                 if group:
                     yield group
-                group, group_pixels = [], 0
+                group, group_pixels, group_cost = [], 0, 0
                 journal.working_on([path])
             elif not group:
                 journal.working_on([p for i, p in enumerate(paths[index:], index)
@@ -381,16 +490,37 @@ class FaceAnnotator:
                     image = np.frombuffer(pixels[index], np.uint8).reshape(*shapes[index], 3)
                 else:
                     image = read_image(urls[index], self.storage_options, self.policy)
+                item = self._fitted(index, image)
             except ReadFailure as failure:
                 rows.failed(index, failure.reason, failure.kind)
                 continue
-            group.append((index, image))
-            group_pixels += image.shape[0] * image.shape[1]
+            if group and self.budget is not None and group_cost + item.cost > self.budget:
+                yield group  # together they would not fit: the group so far goes first
+                group, group_pixels, group_cost = [], 0, 0
+            group.append(item)
+            group_pixels += item.pixels.shape[0] * item.pixels.shape[1]
+            group_cost += item.cost
             if alone or group_pixels >= self.pixels_in_flight:
                 yield group
-                group, group_pixels = [], 0
+                group, group_pixels, group_cost = [], 0, 0
         if group:
             yield group
+
+    def _fitted(self, index: int, image: np.ndarray) -> _Image:
+        """The image as it will be detected: shrunk to --max-side, and to what fits the memory budget."""
+        height, width = image.shape[:2]
+        config = self.detector.config
+        scale = min(1.0, self.max_side / max(height, width)) if self.max_side else 1.0
+        if self.budget is not None:
+            try:
+                scale = min(scale, scale_to_fit(height, width, config, self.budget))
+            except ValueError:
+                raise ReadFailure(f"detecting a {width}x{height} image needs more memory than this worker has "
+                                  f"({self.budget / 2**20:.0f} MB for detection) even shrunk to the smallest "
+                                  "face; give the actors more memory (--memory-per-actor)", TRANSIENT) from None
+        pixels = shrunk(image, scale)
+        cost = estimate_peak_bytes(*pixels.shape[:2], config) if self.budget is not None else 0
+        return _Image(index, pixels, (height, width), scale, cost)
 
     def _detect(self, images: list[np.ndarray]) -> list[Detections | str]:
         """Detections per image, or an error string: one call, then one per image if it fails."""
@@ -462,6 +592,7 @@ def _plan(config: AnnotateConfig) -> _Plan:
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
                             weights.provenance, config.detector, config.max_pixels, config.max_bytes)
     metadata["device"] = "cuda" if config.num_gpus > 0 else "cpu"
+    metadata["max_side"] = config.max_side
     shards = plan_shards(config.input, config.storage_options)
     output = PartsOutput(config.output, config.storage_options, METADATA_KEY, redact(metadata), settings_of, "annotate",
                          mode=OutputMode.RESTART if config.overwrite else OutputMode.RESUME,
@@ -502,8 +633,14 @@ def _start_run(config: AnnotateConfig, plan: _Plan):
     # run-state actor's, while the driver goes on setting up the run.
     probe = state.probe.remote(plan.shards, config.storage_options, config.read_policy)
     if plan.output.parts:
-        index = ray.get(state.scan.remote(config.output, config.storage_options, plan.output.parts,
-                                          config.retry_errors))
+        try:
+            index = ray.get(state.scan.remote(config.output, config.storage_options, plan.output.parts,
+                                              config.retry_errors))
+        except ray.exceptions.RayTaskError as error:
+            # A damaged part, a store that stays down: the actor's own one-line error, not Ray's wrapper.
+            if isinstance(error.cause, (OutputError, StoreUnavailable, OutputFull)):
+                raise error.cause from None
+            raise
         log.info("resuming: %d images already done in %s; %d error rows to redo%s",
                  index["done"], public_path(config.output), index["redo"],
                  f"; {index['duplicates']} rows of paths held twice taken out" if index["duplicates"] else "")
@@ -591,7 +728,8 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
                                "threads": max(1, int(cpus_per_actor)),
                                "storage_options": config.storage_options,
                                "policy": config.read_policy,
-                               "pixels_in_flight": config.pixels_in_flight, "state": state})
+                               "pixels_in_flight": config.pixels_in_flight, "state": state,
+                               "memory_per_actor": config.memory_per_actor, "max_side": config.max_side})
 
 
 def _bounds(concurrency) -> tuple[int | None, int | None]:

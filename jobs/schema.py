@@ -42,12 +42,19 @@ ANNOTATION_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     # An ErrorKind value: 'permanent' (final), 'transient' or 'crashed' (redone by the next run); null if no error.
     pa.field("error_kind", pa.string()),
+    # Null: detected as it is. Otherwise the factor the image was shrunk by before detection, to fit
+    # the worker's memory or --max-side: faces under min_face_size / scale pixels may be missed.
+    # Boxes and landmarks are in the original image's pixels either way.
+    pa.field("scale", pa.float32()),
 ])
+#: Bumped when ANNOTATION_SCHEMA changes: parts of two versions are not mixed in one OUTPUT.
+SCHEMA_VERSION = 2
 
 
 def annotation_table(paths: list[str], sizes: list[tuple[int, int] | None],
                      detections: list[Detections | None], errors: list[str | None],
-                     error_kinds: list[str | None] | None = None) -> pa.Table:
+                     error_kinds: list[str | None] | None = None,
+                     scales: list[float | None] | None = None) -> pa.Table:
     """Rows of the output schema: one per path, faces null-free (an empty list when none)."""
     if error_kinds is None:
         error_kinds = ["permanent" if error is not None else None for error in errors]
@@ -75,7 +82,8 @@ def annotation_table(paths: list[str], sizes: list[tuple[int, int] | None],
     widths = pa.array([s[0] if s else None for s in sizes], pa.int32())
     heights = pa.array([s[1] if s else None for s in sizes], pa.int32())
     return pa.Table.from_arrays([pa.array(paths, pa.string()), widths, heights, faces,
-                                 pa.array(errors, pa.string()), pa.array(error_kinds, pa.string())],
+                                 pa.array(errors, pa.string()), pa.array(error_kinds, pa.string()),
+                                 pa.array(scales if scales is not None else [None] * count, pa.float32())],
                                 schema=ANNOTATION_SCHEMA)
 
 
@@ -139,6 +147,7 @@ def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: d
         "detector": _jsonable(asdict(detector)),
         "max_pixels": max_pixels,
         "max_bytes": max_bytes,
+        "schema_version": SCHEMA_VERSION,
         "package": "mtcnn-jobs", "version": package_version,
         "python": platform.python_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -149,7 +158,8 @@ def settings_of(metadata: dict) -> dict:
     """The parts of run metadata that change the rows (so runs with equal settings can be mixed)."""
     return {"weights_sha256": metadata.get("weights", {}).get("sha256"),
             "detector": metadata.get("detector"), "max_pixels": metadata.get("max_pixels"),
-            "max_bytes": metadata.get("max_bytes")}
+            "max_bytes": metadata.get("max_bytes"), "schema_version": metadata.get("schema_version", 1),
+            "max_side": metadata.get("max_side")}
 
 
 def with_metadata(schema: pa.Schema, metadata: dict) -> pa.Schema:

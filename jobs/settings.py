@@ -14,6 +14,9 @@ Field metadata read here:
   its fields, by field name. A nested field that may be None gets an on/off flag of its own
   (`--augment/--no-augment`).
 - "choices": the values a string field takes.
+- "positional": True makes the field a positional argument (its "metavar" names it in help).
+- "parse": the function that turns the flag's text into the value, where the field's type alone
+  does not say (e.g. a field that also takes objects only Python callers pass).
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                                  defaults=default if default is not None else nested(),
                                  _aliases=f.metadata.get("aliases"))
             continue
+        if f.metadata.get("positional"):
+            parser.add_argument(dest, metavar=f.metadata.get("metavar", f.name.upper()),
+                                type=f.metadata.get("parse") or _parser_for(kind, f.name),
+                                help=f.metadata.get("help", ""))
+            continue
         names = [_flag(f, _prefix), *f.metadata.get("aliases", ()), *(_aliases or {}).get(f.name, ())]
         options: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
                                    "metavar": f.name.upper()}
@@ -77,7 +85,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         elif _sequence_of_str(kind):
             options.update(nargs="+", action="extend", metavar=f.name.upper())
         else:
-            options["type"] = _parser_for(kind, names[0])
+            options["type"] = f.metadata.get("parse") or _parser_for(kind, names[0])
             if options["type"] is str and f.metadata.get("choices"):
                 options.update(choices=f.metadata["choices"], metavar=None)
         options["help"] = _help(f, _shown(default))

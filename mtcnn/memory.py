@@ -1,7 +1,7 @@
 """How much memory FaceDetector.detect needs for an image of a given size, and how far to shrink it.
 
 The detector's memory grows with the image's area: on a CPU a 9000 x 9000 photo (81 Mpx) peaks at
-about 6 GB beyond the loaded nets and the decoded pixels. This module models that peak from the
+about 5.8 GB beyond the loaded nets and the decoded pixels. This module models that peak from the
 same quantities the detector allocates, per phase of one detect call on a CPU detector:
 
 - the summed-area table of the image (used by the classic pyramid and by R-/O-Net's crops): on
@@ -20,7 +20,8 @@ same quantities the detector allocates, per phase of one detect call on a CPU de
 
 The peak is the largest phase's bytes (each phase with what is still held from before it), times a
 margin, plus a fixed allowance for what is not modelled (pages of code and oneDNN kernels touched on
-a first call, allocator slack). Those constants were fitted to measured peaks, see MEASURED below.
+a first call, allocator slack). Those constants were fitted to measured peaks: see the MEASURED
+block below.
 
 Only the CPU is modelled: on a GPU the pyramid and the nets' activations live in device memory.
 """
@@ -30,7 +31,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .detector import DetectorConfig
+import cv2
+import numpy as np
+
+from .detector import Detections, DetectorConfig
 from .pyramid import level_size, pyramid_scales
 
 # ---------------------------------------------------------------------------------------------
@@ -38,6 +42,10 @@ from .pyramid import level_size, pyramid_scales
 
 #: P-Net's conv1: 10 float32 channels; its output and its PReLU's are alive together.
 _PNET_CONV1_BYTES = 10 * 4
+#: precision="bf16" on CPUs: P-Net runs through oneDNN's bf16 modules, with a bf16 copy of the
+#: input and blocked-layout outputs converted back: measured 63-69 MB more than fp32 at 3840x2160
+#: (570-576 against 507 MB; level 0 has 2.98 M conv1 pixels), about 22-24 bytes a conv1 pixel.
+_PNET_BF16_EXTRA_BYTES = 24
 #: Per P-Net candidate kept across levels: box (16), score (4), offsets (16), owner (8), level (8).
 _CANDIDATE_KEPT_BYTES = 52
 #: Per candidate of the level being scored: hit indices (24), cells and boxes (32 + 16), gathered
@@ -52,7 +60,7 @@ _ONET_WINDOW_BYTES = 2 * 32 * 46 * 46 * 4
 _CPU_STAGE_BATCH = 64
 
 # ---------------------------------------------------------------------------------------------
-# Constants fitted to measured peaks (see MEASURED).
+# Constants fitted to measured peaks (see the MEASURED block below).
 
 #: P-Net candidates per P-Net output cell assumed (windows over the 0.6 threshold / output cells),
 #: before NMS. Measured over every level: 0.052-0.064 on the most crowded WIDER validation photo
@@ -75,12 +83,61 @@ RETAINED_HEAP_BYTES = 192 << 20
 #: up to 47 MB at 640x480 .. 1920x1080 on crowded photos).
 FIXED_OVERHEAD_BYTES = 80 << 20
 #: Multiplier on the modelled phases. Without it the largest phase is within 1% of the measured
-#: peak where the table dominates (3000x3000 and up, classic), and 0-15% below it where P-Net's
-#: first level does (up to 8 Mpx); 1.15 covers that and leaves room for other CPUs and torch
-#: builds (oneDNN's choice of convolution kernels and scratch buffers).
+#: peak where the table dominates (3000x3000 and up, classic), and 7-12% below it where P-Net's
+#: first level does (3840x2160: 474 MB modelled, 507-533 MB measured, first call included);
+#: 1.15 covers that and leaves room for other CPUs and torch builds (oneDNN's choice of
+#: convolution kernels and scratch buffers), which were not measured.
 MARGIN = 1.15
 
-MEASURED = """to be filled in by benchmarks/detector_memory.py"""
+# ---------------------------------------------------------------------------------------------
+# MEASURED: benchmarks/detector_memory.py (each row a fresh process, one detect call, the first;
+# peak = VmHWM during the call minus VmRSS before it, the nets and the image already in memory),
+# Intel(R) Xeon(R) Processor (2 logical CPUs, AVX-512, AVX-512 BF16, AMX), torch 2.13.0+cpu, one
+# torch thread, default DetectorConfig (min_face_size 20, factor 0.709, fp32) but for the pyramid.
+# "astronaut": tests/data/astronaut.png resized (one face); "crowd": the WIDER validation photo
+# with 624 faces (../shared/data) tiled at its own scale (many faces and P-Net candidates).
+# MB = 2**20 bytes. The largest modelled phase is the last column.
+#
+#        size   Mpx    source  pyramid  peak MB estimate MB est/peak      s faces  largest phase
+#   640x480     0.3 astronaut  classic       36         144     3.96    0.1     1  windows
+#   640x480     0.3     crowd  classic       98         144     1.47    0.3    50  windows
+#  1280x720     0.9 astronaut  classic       72         196     2.73    0.2     1  windows
+#  1280x720     0.9     crowd  classic      114         196     1.72    0.8   182  windows
+#  1920x1080    2.1 astronaut  classic      162         293     1.81    0.3     1  windows
+#  1920x1080    2.1     crowd  classic      189         293     1.55    1.9   321  windows
+#  3840x2160    8.3 astronaut  classic      507         625     1.23    1.6     1  pnet
+#  3840x2160    8.3     crowd  classic      533         625     1.17   11.0  1159  pnet
+#  3000x3000    9.0 astronaut  classic      644         791     1.23    2.6     1  table
+#  3000x3000    9.0     crowd  classic      655         791     1.21   13.5   986  table
+#  4000x3000   12.0 astronaut  classic      827        1028     1.24    3.7     1  table
+#  4000x3000   12.0     crowd  classic      825        1028     1.25   20.1  1332  table
+#  6000x6000   36.0 astronaut  classic     2473        2923     1.18   12.4     1  table
+#  6000x6000   36.0     crowd  classic     2473        2923     1.18  141.5  4005  table
+#  9000x9000   81.0 astronaut  classic     5563        6477     1.16   45.2     1  table
+#  9000x9000   81.0     crowd  classic     5563        6477     1.16  761.7  8890  table
+#  1920x1080    2.1 astronaut  dynamic      113         244     2.16    0.5     1  windows
+#  3840x2160    8.3 astronaut  dynamic      305         493     1.62    1.3     1  windows
+#  4000x3000   12.0 astronaut  dynamic      961        1261     1.31    2.8     1  table
+#  6000x6000   36.0 astronaut  dynamic     2662        3181     1.19    9.9     1  table
+#  1920x1080    2.1 astronaut   chain2      123         256     2.09    0.4     1  windows
+#  3840x2160    8.3 astronaut   chain2      333         493     1.48    2.3     1  windows
+#  4000x3000   12.0 astronaut   chain2      948        1261     1.33    4.9     1  table
+#  6000x6000   36.0 astronaut   chain2     2677        3181     1.19   13.5     1  table
+#  1920x1080    2.1 astronaut   octave      119         256     2.16    0.3     1  windows
+#  3840x2160    8.3 astronaut   octave      364         493     1.35    1.5     1  windows
+#  4000x3000   12.0 astronaut   octave     1007        1261     1.25    3.0     1  table
+#  6000x6000   36.0 astronaut   octave     2694        3181     1.18   14.0     1  table
+# precision bf16 (--precision bf16; estimates with the bf16 P-Net term above):
+#  1920x1080    2.1 astronaut  classic      159         312     1.97    0.4     1  windows
+#  3840x2160    8.3 astronaut  classic      576         703     1.22    1.8     1  pnet
+#  4000x3000   12.0 astronaut  classic      833        1087     1.31    4.2     1  pnet
+#
+# Above 2**31 / 255 pixels (8.4 Mpx) the int64 summed-area table dominates: building it holds 72
+# bytes an image pixel (the 9000 x 9000 peak, 5563 MB, is that to 0.1%); under it P-Net's first
+# level does, about 61 bytes an image pixel at 3840x2160. (The reported 9000 x 9000 JPEG: about
+# 6.05 GB of process memory, nets and pixels included, and 87 s on one thread.) The estimate stays
+# within 1.5x of these peaks from 9 Mpx up (1.16-1.33x; classic from 8.3 Mpx up, 1.16-1.25x); on
+# smaller images the fixed allowance weighs more (up to 4x at 640x480, where it says 144 MB).
 
 
 @dataclass(frozen=True)
@@ -177,7 +234,8 @@ def phase_bytes(height: int, width: int, config: DetectorConfig) -> dict[str, in
     pnet, kept = 0, 0
     for level, found in zip(levels, candidates):
         batch = (3 + 12 if mode == "dynamic" else 12) * level.pixels
-        activations = 2 * _PNET_CONV1_BYTES * level.conv1_pixels
+        per_pixel = 2 * _PNET_CONV1_BYTES + (_PNET_BF16_EXTRA_BYTES if config.precision == "bf16" else 0)
+        activations = per_pixel * level.conv1_pixels
         pnet = max(pnet, held_during_pnet + kept + batch + activations + _CANDIDATE_LEVEL_BYTES * found)
         kept += _CANDIDATE_KEPT_BYTES * found
 
@@ -207,7 +265,7 @@ def estimate_peak_bytes(height: int, width: int, config: DetectorConfig, batch: 
     passes are stacked). Either way each image's own peak is counted whole, an upper bound.
 
     The estimate is at least the peak measured (benchmarks/detector_memory.py) at every size
-    measured, and within 1.5x of it for large images; see MEASURED for the figures.
+    measured, and within 1.5x of it from 9 Mpx up (the MEASURED block of this module).
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height} x {width}")
@@ -226,11 +284,13 @@ def scale_to_fit(height: int, width: int, config: DetectorConfig, budget_bytes: 
                  batch: int = 1) -> float:
     """The largest scale in (0, 1] at which detecting the image fits budget_bytes (1.0 if it fits).
 
-    Resize the image to scaled_size(height, width, scale) (cv2.INTER_AREA), detect, then divide
-    boxes and landmarks by the ratio of the sizes to map them back to the original. The estimate
-    of the resized image is at most budget_bytes. A smaller image finds only larger faces: see
-    downscaled_min_face. Raises ValueError when even an image whose short side is the smallest
-    face looked for (below it nothing can be found) does not fit.
+    Resize the image to scaled_size(height, width, scale) (cv2.INTER_AREA), detect, then map
+    boxes and landmarks back to the original: x times width / resized width, y times height /
+    resized height. The estimate for the resized image is at most budget_bytes; the budget is
+    what detection may add beyond the process's memory before the call (nets, pixels). A
+    smaller image finds only larger faces: see downscaled_min_face. Raises ValueError when even
+    an image whose short side is the smallest face looked for (below it nothing can be found)
+    does not fit.
     """
     if estimate_peak_bytes(height, width, config, batch) <= budget_bytes:
         return 1.0
@@ -262,3 +322,21 @@ def downscaled_min_face(config: DetectorConfig, scale: float) -> float:
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"scale must be in (0, 1], got {scale!r}")
     return config.min_face_size / scale
+
+
+def shrunk(image: np.ndarray, scale: float) -> np.ndarray:
+    """The image resized by scale (<= 1) with area resampling, to scaled_size."""
+    if scale >= 1.0:
+        return image
+    height, width = scaled_size(image.shape[0], image.shape[1], scale)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def in_original(found: Detections, original: tuple[int, int], detected: tuple[int, int]) -> Detections:
+    """Detections made on a resized copy (detected: its height, width), in the original's pixels."""
+    if original == detected:
+        return found
+    y_factor, x_factor = original[0] / detected[0], original[1] / detected[1]
+    boxes = found.boxes * np.array([x_factor, y_factor, x_factor, y_factor], found.boxes.dtype)
+    landmarks = found.landmarks * np.array([x_factor, y_factor], found.landmarks.dtype)
+    return Detections(boxes=boxes, scores=found.scores, landmarks=landmarks)

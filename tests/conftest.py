@@ -48,6 +48,26 @@ def stop_s3_for(s3_server):
     return stop_for
 
 
+@pytest.fixture
+def s3_down(s3_server):
+    """A context manager: the S3 server is stopped inside it, and started on the same port after."""
+    import contextlib
+
+    from moto.server import ThreadedMotoServer
+
+    @contextlib.contextmanager
+    def down():
+        _MOTO["server"].stop()
+        try:
+            yield
+        finally:
+            restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=_MOTO["port"], verbose=False)
+            restarted.start()
+            _MOTO["server"] = restarted
+
+    return down
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1, with AWS_* variables pointing boto3/s3fs at it.

@@ -12,17 +12,19 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from jobs.annotate_job import AnnotateConfig, annotate
 from jobs.output import committed_parts
 from jobs.storage import filesystem
 
-from test_annotate_faults import DATA, cli, output_rows, photo_folder, wait_for
+from test_annotate_faults import DATA, REPO, cli, output_rows, photo_folder, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -75,8 +77,9 @@ def test_sigterm_commits_the_rows_already_made_and_exits_130(ray_session, tmp_pa
 def test_rows_are_committed_every_commit_seconds_so_a_kill_loses_little(ray_session, tmp_path):
     paths = photo_folder(tmp_path / "images", 40)
     output = str(tmp_path / "out")
+    # Every image's first read fails (a transient error, retried after 0.5 s): the job takes 20 s or more.
     job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
-               "--rows-per-file", "1000", "--commit-seconds", "2"])
+               "--rows-per-file", "1000", "--commit-seconds", "2"], env={"MTCNN_JOBS_FAILPOINTS": "fail_reads=1:img"})
     # Parts far smaller than --rows-per-file appear while the job runs.
     wait_for(lambda: committed_parts(output) or job.poll() is not None, 300, "a part committed by time")
     assert job.poll() is None, job.communicate()
@@ -114,8 +117,7 @@ def output_rows_s3(fs, output: str) -> list[str]:
             for path in pq.read_table(fs.open(part, "rb"), columns=["path"]).column("path").to_pylist()]
 
 
-def test_a_store_that_stays_down_ends_the_job_with_one_line_and_exit_1(ray_session, s3_server, stop_s3_for,
-                                                                       tmp_path):
+def test_a_store_that_stays_down_ends_the_job_with_one_line_and_exit_1(ray_session, s3_server, s3_down, tmp_path):
     bucket = f"down-{uuid.uuid4().hex[:8]}"
     fs, _ = filesystem(f"s3://{bucket}")
     fs.mkdir(bucket)
@@ -126,12 +128,8 @@ def test_a_store_that_stays_down_ends_the_job_with_one_line_and_exit_1(ray_sessi
     wait_for(lambda: (fs.invalidate_cache() or True) and fs.glob(f"{bucket}/out/part-*") or job.poll() is not None,
              300, "a first part")
     assert job.poll() is None, job.communicate()
-    outage = threading.Thread(target=stop_s3_for, args=(60.0,))
-    outage.start()
-    try:
-        _, err = job.communicate(timeout=120)  # well before the store is back
-    finally:
-        outage.join()
+    with s3_down():  # and back only once the job has ended
+        _, err = job.communicate(timeout=120)
     assert job.returncode == 1, err
     lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs annotate:")]
     assert len(lines) == 1 and "did not answer" in lines[0] and "Traceback" not in err, err
@@ -205,3 +203,40 @@ def test_a_damaged_part_is_named_by_annotate_export_and_evaluate(ray_session, tm
     os.rename(damaged, damaged + ".damaged")
     annotate(AnnotateConfig(str(tmp_path / "images"), str(output), show_progress=False))
     assert len(output_rows(str(output))) == 6
+
+
+def test_a_huge_legal_image_in_a_memory_limited_job_is_detected_shrunk_not_killed(tmp_path):
+    import cv2
+    import numpy as np
+
+    from test_detector_memory import _make_cgroup, _remove_cgroup
+
+    # 7168 x 7168 (51 Mpx, under the 100 Mpx limit): detecting it whole needs about 4 GB beyond the
+    # process; the whole job (Ray included) gets 5 GiB, as a container or a scheduler would give it.
+    folder = tmp_path / "images"
+    photo = cv2.imread(str(DATA / "astronaut.png"))
+    folder.mkdir()
+    ok, data = cv2.imencode(".jpg", np.tile(photo, (14, 14, 1)))
+    (folder / "huge.jpg").write_bytes(data.tobytes())
+    paths = photo_folder(folder, 2) + [str(folder / "huge.jpg")]
+    cgroup = _make_cgroup(5 << 30)
+    if cgroup is None:
+        pytest.skip("no memory cgroup can be made here")
+    try:
+        job = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$0" -m jobs.cli "$@"', sys.executable,
+             "annotate", str(folder), str(tmp_path / "out"), "--batch-size", "1"],
+            cwd=REPO, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = job.communicate(timeout=600)
+    finally:
+        _remove_cgroup(cgroup)
+    assert job.returncode == 0, err
+    rows = {path: [len(faces or []), error, scale, max((face["box"][2] for face in faces or []), default=None)]
+            for path, faces, error, scale in duckdb.sql(
+                f"select path, faces, error, scale from '{tmp_path}/out/*.parquet'").fetchall()}
+    assert sorted(rows) == sorted(paths)
+    faces, error, scale, right = rows[str(folder / "huge.jpg")]
+    assert error is None and scale is not None and scale < 1.0, rows  # shrunk, and the row says so
+    assert faces >= 1 and right > 7168 * scale  # boxes in the original's pixels
+    assert all(rows[path][:3] == [1, None, None] for path in paths[:2])

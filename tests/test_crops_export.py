@@ -12,7 +12,7 @@ import pytest
 
 from jobs.annotate_job import AnnotateConfig, annotate
 from jobs.cli import main
-from jobs.crops import CropsConfig, CropSettings, chip_file_name, crops, select_faces
+from jobs.crops_job import CropsConfig, CropSettings, chip_file_name, crops, select_faces
 from jobs.decode import decode_image
 from jobs.output import committed_parts
 from mtcnn import DetectorConfig, FaceDetector

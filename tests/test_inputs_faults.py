@@ -320,3 +320,52 @@ def test_a_file_read_while_it_is_being_copied_never_fails_permanently(tmp_path, 
     writer.join()
     assert PERMANENT not in verdicts and TRANSIENT in verdicts
     assert read_image(str(path), {}, ONCE).shape == (512, 512, 3)
+
+
+# -- end to end: the annotate job on such inputs ---------------------------------------------
+
+@pytest.mark.slow
+def test_the_job_gives_every_awkward_entry_one_row_and_annotates_the_rest(ray_session, tmp_path, jpeg):
+    import duckdb
+
+    from jobs.annotate_job import AnnotateConfig, annotate
+
+    folder = tmp_path / "in"
+    deep = folder / "deep"
+    for level in range(1100):  # past the recursion limit
+        deep = deep / "d"
+    os.makedirs(deep)
+    (deep / "bottom.jpg").write_bytes(jpeg)
+    (folder / "good.jpg").write_bytes(jpeg)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "loop").symlink_to(folder)  # a link back to an ancestor
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as handle:  # Latin-1 name
+        handle.write(jpeg)
+    manifest = tmp_path / "list.txt"
+    manifest.write_bytes(b"\xef\xbb\xbf" + str(folder / "good.jpg").encode() + b"\n"  # a BOM first
+                         + str(folder).encode() + b"/caf\xe9.jpg\n" + str(folder / "gone.jpg").encode() + b"\n")
+    try:
+        for source, expected in ((folder, 5), (manifest, 3)):
+            output = tmp_path / f"out-{source.name}"
+            summary = annotate(AnnotateConfig(str(source), str(output), show_progress=False))
+            rows = duckdb.sql(f"select path, len(faces), error, error_kind from '{output}/*.parquet'").fetchall()
+            assert summary.images == len(rows) == expected and len({row[0] for row in rows}) == expected
+            by_path = {path: (faces, error, kind) for path, faces, error, kind in rows}
+            assert by_path[str(folder / "good.jpg")] == (1, None, None)  # a BOM did not hide it
+            if source == folder:
+                latin1 = [path for path in by_path if "caf" in path]  # named with its byte escaped
+                assert len(latin1) == 1 and "\\xe9" in latin1[0] and "UTF-8" in by_path[latin1[0]][1]
+                assert by_path[str(deep / "bottom.jpg")] == (1, None, None)
+                loop = [row for path, row in by_path.items() if "loop" in path]
+                assert len(loop) == 1 and loop[0][2] == "permanent"
+            else:
+                line = by_path[f"{manifest}:2"]  # the line that is not UTF-8, named by its number
+                assert "UTF-8" in line[1] and line[2] == "permanent"
+                assert by_path[str(folder / "gone.jpg")][2] == "permanent"
+    finally:
+        # pytest's clean-up recurses; 1,100 levels are taken apart from the bottom up.
+        while deep != folder:
+            for entry in os.listdir(deep):
+                os.remove(deep / entry)
+            os.rmdir(deep)
+            deep = deep.parent

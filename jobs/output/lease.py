@@ -5,7 +5,7 @@ Every write of it is conditional on what the writer last read:
 - on S3 (and stores that speak its API) by `If-Match` on the object's ETag, or `If-None-Match: *`
   when there is none yet, so the store itself refuses a write based on a stale read;
 - on a local or mounted filesystem under an exclusive `flock` of `OUTPUT/_lease.lock`, held
-  across the read and the write;
+  across a re-read and the rename of a record written beforehand (microseconds: nothing slow);
 - elsewhere (other fsspec stores) by reading back what was written: best effort, and said so.
 So a job that was paused (SIGSTOP, a VM pause, a partition) past the lease's expiry and then goes
 on cannot take the lease back: its heartbeat finds another holder and marks the lease lost, and
@@ -34,10 +34,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..storage import filesystem, is_remote, join
-from .parts import OutputError, commit_file
+from .parts import OutputError
 
 LEASE_NAME = "_lease.json"
 LOCK_NAME = "_lease.lock"
+#: Seconds to wait for the local lease lock (held for microseconds by a running process).
+LOCK_WAIT_SECONDS = 30.0
 #: Seconds by which the clocks of two hosts sharing an OUTPUT may differ and leases still work.
 MAX_CLOCK_SKEW = 30.0
 
@@ -111,28 +113,27 @@ class Lease:
         watched_since: float | None = None
         first_seen: dict | None = None
         while True:
-            with self._exclusive():
-                version = self._read()
-                holder = version.record
-                verdict = self._judge(holder)
-                if verdict == "future" and first_seen is not None:
-                    if not _same_beat(first_seen, holder):
-                        verdict = "live"  # dated ahead, but it beats: a live job with a fast clock
-                    elif time.monotonic() - watched_since >= self.ttl_seconds:
-                        verdict = "free"  # dated ahead, and silent for a whole ttl by our clock
-                if verdict == "live":
-                    age = time.time() - float(holder.get("heartbeat", 0))
-                    raise OutputError(
-                        f"OUTPUT {self.output} is in use by another {holder.get('job') or 'annotate'} job "
-                        f"({holder.get('owner')}, "
-                        f"last heartbeat {max(age, 0):.0f} s ago); wait for it to finish or choose "
-                        f"another OUTPUT. A job that was killed lets go after {self.ttl_seconds:.0f} s")
-                if verdict == "free":
-                    self.generation = int((holder or {}).get("generation", 0)) + 1
-                    self._beats = 0
-                    if self._write_if_unchanged(version):
-                        break
-                    continue  # another job wrote in between: look again
+            version = self._read()
+            holder = version.record
+            verdict = self._judge(holder)
+            if verdict == "future" and first_seen is not None:
+                if not _same_beat(first_seen, holder):
+                    verdict = "live"  # dated ahead, but it beats: a live job with a fast clock
+                elif time.monotonic() - watched_since >= self.ttl_seconds:
+                    verdict = "free"  # dated ahead, and silent for a whole ttl by our clock
+            if verdict == "live":
+                age = time.time() - float(holder.get("heartbeat", 0))
+                raise OutputError(
+                    f"OUTPUT {self.output} is in use by another {holder.get('job') or 'annotate'} job "
+                    f"({holder.get('owner')}, "
+                    f"last heartbeat {max(age, 0):.0f} s ago); wait for it to finish or choose "
+                    f"another OUTPUT. A job that was killed lets go after {self.ttl_seconds:.0f} s")
+            if verdict == "free":
+                self.generation = int((holder or {}).get("generation", 0)) + 1
+                self._beats = 0
+                if self._write_if_unchanged(version):
+                    break
+                continue  # another job wrote in between: look again
             # Dated in the future: watch whether it still beats, by this host's clock.
             if first_seen is None:
                 first_seen, watched_since = holder, time.monotonic()
@@ -178,13 +179,14 @@ class Lease:
             self._thread.join(timeout=5)
         if self.lost.is_set():
             return
-        with contextlib.suppress(Exception), self._exclusive():
-            version = self._read()
-            if not self._mine(version.record):
-                return
+        with contextlib.suppress(Exception):
             if self._local:
-                self.fs.rm_file(self.path)
-            else:
+                with self._exclusive():
+                    if self._mine(self._read().record):
+                        self.fs.rm_file(self.path)
+                return
+            version = self._read()
+            if self._mine(version.record):
                 # A conditional delete is not on every store: a released record, written on
                 # condition, frees it as well and can never remove a newer holder's lease.
                 self._write_if_unchanged(version, released=True)
@@ -209,16 +211,15 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
             try:
-                with self._exclusive():
-                    version = self._read()
-                    if not self._mine(version.record):
-                        # Taken while this job was paused or cut off: never write it back.
-                        self._lose(version.record)
-                        return
-                    self._beats += 1
-                    if not self._write_if_unchanged(version):
-                        self._lose(self._read().record)
-                        return
+                version = self._read()
+                if not self._mine(version.record):
+                    # Taken while this job was paused or cut off: never write it back.
+                    self._lose(version.record)
+                    return
+                self._beats += 1
+                if not self._write_if_unchanged(version):
+                    self._lose(self._read().record)
+                    return
             except Exception:  # noqa: BLE001 - a missed beat (store down) is retried at the next
                 pass
 
@@ -241,16 +242,27 @@ class Lease:
 
     @contextlib.contextmanager
     def _exclusive(self):
-        """Locally, an exclusive flock across a read and the write that depends on it."""
-        if not self._local:
-            yield
-            return
+        """An exclusive flock of OUTPUT/_lease.lock, held only across a re-read and a rename.
+
+        Nothing slow happens under it (the new record is written and fsynced before), so a
+        process stopped while holding it is unlikely; one that is stopped there holds everybody
+        else off for as long as it stays stopped, which waiting LOCK_WAIT_SECONDS then says."""
         import fcntl
 
         os.makedirs(self.root, exist_ok=True)
         descriptor = os.open(join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OutputError(
+                            f"{join(self.root, LOCK_NAME)} stayed locked for {LOCK_WAIT_SECONDS:.0f} s: a "
+                            "process holding it is stopped (SIGSTOP, a paused VM); continue or kill it") from None
+                    time.sleep(0.02)
             yield
         finally:
             os.close(descriptor)  # closing releases the lock
@@ -269,12 +281,28 @@ class Lease:
         except ValueError:
             return _Version({"owner": "unreadable lease file", "heartbeat": 0}, etag)
 
+    def _swap_local(self, version: _Version, data: bytes) -> bool:
+        """Locally: rename a new record into place if the lease is still as `version` read it."""
+        temporary = join(self.root, f".{LEASE_NAME}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(temporary, "wb") as handle:  # written and synced before the lock is taken
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            with self._exclusive():
+                if not _same_record(self._read().record, version.record):
+                    return False
+                os.replace(temporary, self.path)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+
     def _write_if_unchanged(self, version: _Version, released: bool = False) -> bool:
         """Write this job's record unless the lease changed since `version` was read; written?"""
         data = json.dumps(self._record(released)).encode()
         if self._local:
-            commit_file(self.output, LEASE_NAME, data)  # under the flock
-            return True
+            return self._swap_local(version, data)
         if self._s3:
             condition = {"IfMatch": version.etag} if version.etag else {"IfNoneMatch": "*"}
             try:
@@ -288,6 +316,11 @@ class Lease:
         self.fs.pipe_file(self.path, data)
         time.sleep(0.2)
         return self._mine(self._read().record) or released
+
+
+def _same_record(a: dict | None, b: dict | None) -> bool:
+    return (a is None) == (b is None) and (a is None or all(a.get(k) == b.get(k) for k in
+                                                             ("owner", "generation", "beat", "heartbeat")))
 
 
 def _precondition_failed(error: BaseException) -> bool:

@@ -1,0 +1,308 @@
+"""The jobs on a real multi-node Ray cluster on one machine, losing and gaining nodes mid-job.
+
+ray.cluster_utils.Cluster starts a head and two worker nodes, each its own raylet (with its own
+object store and worker processes), one CPU each. Removing a node kills its raylet with SIGKILL
+(no drain, no notice: a crashed host or a preempted VM), and with it every worker process and
+object on that node; the GCS finds it dead by its missed health checks (tightened here to about
+2 s). The jobs run as `mtcnn-jobs ... --address` processes of their own, as on a real cluster, and
+every test ends with exactly one row per input and exit status 0. Tests wait for states (a part
+committed, a process on a node, a node dead in the GCS, the job's exit), never for a guessed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.output import committed_parts
+
+from test_annotate_faults import REPO, output_rows, photo_folder, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+
+#: The GCS declares a node dead after 3 missed health checks 0.5 s apart (defaults: 5 x 3 s).
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
+                   "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+#: A job's own limit: a job that hangs fails its test instead of the session.
+JOB_SECONDS = 240
+
+
+# -- the cluster ------------------------------------------------------------------------------
+
+class LocalCluster:
+    """A head (where the jobs' drivers connect) and worker nodes, each a raylet of its own."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    @property
+    def head(self):
+        return self.cluster.head_node
+
+    @property
+    def workers(self) -> list:
+        return sorted(self.cluster.worker_nodes, key=lambda node: node.node_id)
+
+    def add(self):
+        """A new worker node of one CPU, alive in the GCS when this returns."""
+        node = self.cluster.add_node(num_cpus=1)
+        self.wait_alive(node)
+        return node
+
+    def remove(self, node) -> None:
+        """Kill a worker node's raylet (SIGKILL) and everything on it; return once the GCS knows."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        wait_for(lambda: node.node_id not in self.alive(), 60, f"node {node.node_id[:8]} dead in the GCS")
+
+    def alive(self) -> set[str]:
+        """Node ids the GCS holds alive."""
+        return {entry["NodeID"] for entry in self.cluster.global_state.node_table() if entry["Alive"]}
+
+    def wait_alive(self, node) -> None:
+        wait_for(lambda: node.node_id in self.alive(), 60, f"node {node.node_id[:8]} alive in the GCS")
+
+    @staticmethod
+    def raylet_pid(node) -> int:
+        from ray._private import ray_constants
+
+        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+@pytest.fixture
+def make_cluster(monkeypatch):
+    """make_cluster(workers): a head and that many worker nodes of one CPU each, shut down after
+    the test. Each test gets its own, as the tests remove nodes.
+
+    cluster_utils records its address in /tmp/ray/ray_current_cluster, where any `ray.init()`
+    without an address on this machine (tests of other sessions running beside these) would find
+    it and join it: it is kept out of there.
+    """
+    import ray._common.utils
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
+    made = []
+
+    def make(workers: int = 2) -> LocalCluster:
+        cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                          head_node_args={"num_cpus": 1, "_system_config": FAST_NODE_DEATH})
+        made.append(cluster)
+        for _ in range(workers):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        return LocalCluster(cluster)
+
+    yield make
+    for cluster in made:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(make_cluster) -> LocalCluster:
+    """A head and two worker nodes of one CPU each: three CPUs in all."""
+    return make_cluster(2)
+
+
+# -- processes --------------------------------------------------------------------------------
+
+class Job:
+    """An `mtcnn-jobs` command in its own process, its output in a log file (a pipe nobody reads
+    would fill and stop it), its driver joined to the cluster by --address."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        environment.update(env or {})
+        self.log = log
+        self.started = time.monotonic()
+        with open(log, "wb") as handle:
+            self.process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO,
+                                            env=environment, stdout=handle, stderr=subprocess.STDOUT)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def finish(self, seconds: float = JOB_SECONDS) -> str:
+        """Wait for the exit; the log. A job still running after seconds is killed (and fails)."""
+        try:
+            self.process.wait(timeout=max(1.0, seconds - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the job did not end within {seconds} s:\n{self.text()[-6000:]}")
+        return self.text()
+
+    def kill(self) -> None:
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def jobs():
+    """Start jobs with jobs(args, log); any still running at the end of the test is killed."""
+    started: list[Job] = []
+
+    def start(args: list[str], log: Path, env: dict | None = None) -> Job:
+        job = Job(args, log, env)
+        started.append(job)
+        return job
+
+    yield start
+    for job in started:
+        job.kill()
+
+
+def ray_workers(title: bytes, ray_cluster: LocalCluster) -> dict[int, tuple[object, bytes]]:
+    """The cluster's Ray worker processes whose title holds title: {pid: (node, title)}.
+
+    Ray titles an actor's process ray::<class> while idle and ray::<class>.<method> while it runs a
+    call. A worker process is started by its node's raylet, so its parent names its node; only the
+    cluster's own count (other Ray instances may run jobs on this machine at the same time)."""
+    nodes = {ray_cluster.raylet_pid(node): node for node in [ray_cluster.head, *ray_cluster.workers]}
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if cmdline.startswith(b"ray::") and title in cmdline and parent in nodes:
+            found[int(entry)] = (nodes[parent], cmdline.rstrip(b"\0"))
+    return found
+
+
+def on_node(title: bytes, ray_cluster: LocalCluster, node) -> list[int]:
+    """Processes of Ray workers titled title that run on node."""
+    return [pid for pid, (where, _) in ray_workers(title, ray_cluster).items() if where is node]
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]):
+    """SIGSTOP the processes for the block, then SIGCONT those still there: a job held at a state."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def annotate_args(images: Path, output: Path, address: str, *extra: str) -> list[str]:
+    return ["annotate", str(images), str(output), "--address", address, "--batch-size", "1",
+            "--rows-per-file", "2", "--commit-seconds", "2", *extra]
+
+
+def assert_one_row_each(output: Path, paths: list[str]) -> None:
+    rows = output_rows(str(output))
+    assert sorted(path for path, *_ in rows) == sorted(paths)  # each once, none lost
+    assert all(faces == 1 and error is None for _, faces, error, _ in rows), rows
+
+
+# -- annotate ---------------------------------------------------------------------------------
+
+def test_annotate_survives_a_worker_node_lost_mid_job(ray_cluster, jobs, tmp_path):
+    paths = photo_folder(tmp_path / "images", 32)
+    output = tmp_path / "out"
+    victim = ray_cluster.workers[0]
+    job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
+    # A detector actor works on the node, and rows have been committed: the job is well under way.
+    wait_for(lambda: (on_node(b"FaceAnnotator", ray_cluster, victim) and committed_parts(str(output)))
+             or not job.running(), 180, "a part committed and an actor on the node to lose")
+    assert job.running(), job.text()
+    assert len(output_rows(str(output))) < len(paths)
+    ray_cluster.remove(victim)
+    log = job.finish()
+    assert job.process.returncode == 0, log
+    assert_one_row_each(output, paths)
+
+
+def test_annotate_survives_a_node_lost_after_the_job_sized_its_pool_before_actors_are_placed(
+        ray_cluster, jobs, tmp_path):
+    paths = photo_folder(tmp_path / "images", 24)
+    output = tmp_path / "out"
+    victim = ray_cluster.workers[0]
+    # No --concurrency: the job sizes its pool from the cluster it joins (3 CPUs: 3 to 6 actors).
+    job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
+    # The run-state actor is up: the driver has joined the cluster and read its resources, and
+    # holds the lease. Held there (SIGSTOP), it places no detector actor while the node goes.
+    wait_for(lambda: on_node(b"RunState", ray_cluster, ray_cluster.head) or not job.running(), 120,
+             "the run-state actor")
+    with frozen([job.process.pid]):
+        assert not ray_workers(b"FaceAnnotator", ray_cluster), "detector actors were placed before the driver was held"
+        ray_cluster.remove(victim)
+    log = job.finish()
+    assert job.process.returncode == 0, log
+    assert_one_row_each(output, paths)
+
+
+def test_annotate_pool_grows_onto_a_node_added_mid_job(make_cluster, jobs, tmp_path):
+    ray_cluster = make_cluster(0)  # the head alone: 1 CPU, so the pool of 1 to 3 actors has 1
+    paths = photo_folder(tmp_path / "images", 32)
+    output = tmp_path / "out"
+    job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address, "--concurrency", "1,3"),
+               tmp_path / "job.log")
+    wait_for(lambda: committed_parts(str(output)) or not job.running(), 180, "a first part")
+    assert job.running(), job.text()
+    first = ray_workers(b"FaceAnnotator", ray_cluster)
+    assert len(first) == 1, first
+    # The actor is held (SIGSTOP) with its batches in flight, so that work is still queued when
+    # the new node is up, however fast this machine detects faces: the pool must grow to do it.
+    with frozen(list(first)):
+        added = ray_cluster.add()
+        working: list[bytes] = []
+
+        def working_on_new_node() -> bool:
+            working.extend(title for node, title in ray_workers(b"FaceAnnotator", ray_cluster).values()
+                           if node is added and b").submit" in title)
+            return bool(working) or not job.running()
+
+        # A detector actor is placed on the new node and runs a batch there (its title names the call).
+        wait_for(working_on_new_node, 120, "a detector actor working on the added node")
+    assert working, f"no detector actor ran on the added node:\n{job.text()[-4000:]}"
+    log = job.finish()
+    assert job.process.returncode == 0, log
+    assert_one_row_each(output, paths)
+
+
+def test_annotate_run_state_is_on_the_driver_node_and_outlives_every_worker_node(ray_cluster, jobs, tmp_path):
+    paths = photo_folder(tmp_path / "images", 32)
+    output = tmp_path / "out"
+    job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
+    wait_for(lambda: (committed_parts(str(output))
+                      and all(on_node(b"FaceAnnotator", ray_cluster, node) for node in ray_cluster.workers))
+             or not job.running(), 180, "a part committed and detector actors on both worker nodes")
+    assert job.running(), job.text()
+    # The run state is on the driver's node (the head), none of it on a worker node.
+    state = ray_workers(b"RunState", ray_cluster)
+    assert len(state) == 1 and on_node(b"RunState", ray_cluster, ray_cluster.head) == list(state), state
+    for node in ray_cluster.workers:
+        ray_cluster.remove(node)
+    assert job.running(), job.text()
+    assert list(ray_workers(b"RunState", ray_cluster)) == list(state)  # the same process: never lost, never rebuilt
+    ray_cluster.add()  # somewhere for the lost actors to come back
+    log = job.finish()
+    assert job.process.returncode == 0, log
+    assert_one_row_each(output, paths)
