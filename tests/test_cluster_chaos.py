@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from jobs.output import committed_parts
@@ -61,8 +62,14 @@ class LocalCluster:
         return node
 
     def remove(self, node) -> None:
-        """Kill a worker node's raylet (SIGKILL) and everything on it; return once the GCS knows."""
+        """A worker node crashes: its raylet and every process it started (workers, agents) are
+        killed with SIGKILL at once, as when a host dies; return once the GCS holds it dead."""
+        raylet = self.raylet_pid(node)
+        started = [pid for pid, parent in processes().items() if parent == raylet]
         self.cluster.remove_node(node, allow_graceful=False)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         wait_for(lambda: node.node_id not in self.alive(), 60, f"node {node.node_id[:8]} dead in the GCS")
 
     def alive(self) -> set[str]:
@@ -168,6 +175,16 @@ def jobs():
         job.kill()
 
 
+def processes() -> dict[int, int]:
+    """Every process of this machine: {pid: parent pid}."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                found[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return found
+
+
 def ray_workers(title: bytes, ray_cluster: LocalCluster) -> dict[int, tuple[object, bytes]]:
     """The cluster's Ray worker processes whose title holds title: {pid: (node, title)}.
 
@@ -176,18 +193,20 @@ def ray_workers(title: bytes, ray_cluster: LocalCluster) -> dict[int, tuple[obje
     cluster's own count (other Ray instances may run jobs on this machine at the same time)."""
     nodes = {ray_cluster.raylet_pid(node): node for node in [ray_cluster.head, *ray_cluster.workers]}
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid, parent in processes().items():
+        if parent not in nodes:
             continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if cmdline.startswith(b"ray::") and title in cmdline and parent in nodes:
-            found[int(entry)] = (nodes[parent], cmdline.rstrip(b"\0"))
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if cmdline.startswith(b"ray::") and title in cmdline:
+                found[pid] = (nodes[parent], cmdline.rstrip(b"\0"))
     return found
+
+
+def busy(title: bytes, ray_cluster: LocalCluster, nodes) -> dict[int, object]:
+    """The cluster's actors titled title that are running a call, on one of nodes: {pid: node}."""
+    return {pid: node for pid, (node, name) in ray_workers(title, ray_cluster).items()
+            if any(node is n for n in nodes) and b").submit" in name}
 
 
 def on_node(title: bytes, ray_cluster: LocalCluster, node) -> list[int]:
@@ -196,18 +215,73 @@ def on_node(title: bytes, ray_cluster: LocalCluster, node) -> list[int]:
 
 
 @contextlib.contextmanager
-def frozen(pids: list[int]):
+def frozen(pids):
     """SIGSTOP the processes for the block, then SIGCONT those still there: a job held at a state."""
+    pids = list(pids)
     for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+
+
+@contextlib.contextmanager
+def held_mid_batch(title: bytes, ray_cluster: LocalCluster, nodes, job: Job, output: Path):
+    """Wait until parts are committed and an actor titled title on one of nodes is in the middle of a
+    batch; hold every actor so titled (SIGSTOP) for the block, and yield those mid-batch on nodes.
+
+    Held, none of them finishes its batch, whatever the speed of this machine: the job is left
+    with work in flight on the node a test takes away, and work not yet committed."""
+    deadline = time.monotonic() + 180
+    while True:
+        # Looked for every few ms: a batch of a quick job lasts well under a second.
+        while not (committed_parts(str(output)) and busy(title, ray_cluster, nodes)) and job.running():
+            assert time.monotonic() < deadline, f"no part committed with an actor mid-batch:\n{job.text()[-4000:]}"
+            time.sleep(0.01)
+        assert job.running(), f"the job ended before a state to take a node from:\n{job.text()[-4000:]}"
+        with frozen(ray_workers(title, ray_cluster)):
+            caught = busy(title, ray_cluster, nodes)
+            if caught:
+                yield caught
+                return
+        # The batch ended between the look and the hold: look again.
+
+
+#: A driver of its own that holds one CPU of a node with an idle actor until its stdin closes.
+HOLD_CPU = """
+import sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], log_to_driver=False)
+
+@ray.remote(num_cpus=1)
+class HoldCPU:
+    def ready(self):
+        return True
+
+held = HoldCPU.options(scheduling_strategy=NodeAffinitySchedulingStrategy(sys.argv[2], soft=False)).remote()
+ray.get(held.ready.remote())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def cpu_held(ray_cluster: LocalCluster, node):
+    """The node's CPU taken for the block, so that actors started meanwhile go to other nodes."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CPU, ray_cluster.address, node.node_id], cwd=REPO,
+                              env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", "could not hold the node's CPU"
+        yield
+    finally:
+        holder.stdin.close()  # its driver exits, and Ray ends its actor: the CPU is free again
+        holder.wait(timeout=60)
 
 
 def annotate_args(images: Path, output: Path, address: str, *extra: str) -> list[str]:
@@ -226,14 +300,10 @@ def assert_one_row_each(output: Path, paths: list[str]) -> None:
 def test_annotate_survives_a_worker_node_lost_mid_job(ray_cluster, jobs, tmp_path):
     paths = photo_folder(tmp_path / "images", 32)
     output = tmp_path / "out"
-    victim = ray_cluster.workers[0]
     job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
-    # A detector actor works on the node, and rows have been committed: the job is well under way.
-    wait_for(lambda: (on_node(b"FaceAnnotator", ray_cluster, victim) and committed_parts(str(output)))
-             or not job.running(), 180, "a part committed and an actor on the node to lose")
-    assert job.running(), job.text()
-    assert len(output_rows(str(output))) < len(paths)
-    ray_cluster.remove(victim)
+    with held_mid_batch(b"FaceAnnotator", ray_cluster, ray_cluster.workers, job, output) as caught:
+        assert len(output_rows(str(output))) < len(paths)
+        ray_cluster.remove(next(iter(caught.values())))  # with the actor and its batch on it
     log = job.finish()
     assert job.process.returncode == 0, log
     assert_one_row_each(output, paths)
@@ -291,18 +361,52 @@ def test_annotate_run_state_is_on_the_driver_node_and_outlives_every_worker_node
     paths = photo_folder(tmp_path / "images", 32)
     output = tmp_path / "out"
     job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
-    wait_for(lambda: (committed_parts(str(output))
-                      and all(on_node(b"FaceAnnotator", ray_cluster, node) for node in ray_cluster.workers))
-             or not job.running(), 180, "a part committed and detector actors on both worker nodes")
-    assert job.running(), job.text()
-    # The run state is on the driver's node (the head), none of it on a worker node.
-    state = ray_workers(b"RunState", ray_cluster)
-    assert len(state) == 1 and on_node(b"RunState", ray_cluster, ray_cluster.head) == list(state), state
-    for node in ray_cluster.workers:
-        ray_cluster.remove(node)
-    assert job.running(), job.text()
-    assert list(ray_workers(b"RunState", ray_cluster)) == list(state)  # the same process: never lost, never rebuilt
-    ray_cluster.add()  # somewhere for the lost actors to come back
+    with held_mid_batch(b"FaceAnnotator", ray_cluster, ray_cluster.workers, job, output):
+        # The run state is on the driver's node (the head), none of it on a worker node.
+        state = ray_workers(b"RunState", ray_cluster)
+        assert len(state) == 1 and on_node(b"RunState", ray_cluster, ray_cluster.head) == list(state), state
+        assert len(output_rows(str(output))) < len(paths)
+        for node in ray_cluster.workers:
+            ray_cluster.remove(node)
+        assert job.running(), job.text()
+        # The same process: never lost, so never rebuilt from OUTPUT.
+        assert list(ray_workers(b"RunState", ray_cluster)) == list(state)
+        ray_cluster.add()  # somewhere for the lost actors to come back
     log = job.finish()
     assert job.process.returncode == 0, log
     assert_one_row_each(output, paths)
+
+
+# -- crops ------------------------------------------------------------------------------------
+
+def test_crops_survives_a_worker_node_lost_mid_job(ray_cluster, jobs, tmp_path):
+    paths = photo_folder(tmp_path / "images", 40)
+    annotations = tmp_path / "faces"
+    made = jobs(["annotate", str(tmp_path / "images"), str(annotations), "--address", ray_cluster.address,
+                 "--batch-size", "4"], tmp_path / "annotate.log")
+    log = made.finish()
+    assert made.process.returncode == 0, log
+    assert_one_row_each(annotations, paths)  # one face chosen per image
+    output = tmp_path / "chips"
+    # The croppers are started while the head's CPU is taken, so both run on worker nodes (on
+    # the head, the one cropper that gets the job's work could not be taken away with a node).
+    with cpu_held(ray_cluster, ray_cluster.head):
+        job = jobs(["crops", str(annotations), str(output), "--address", ray_cluster.address, "--batch-size", "2"],
+                   tmp_path / "crops.log")
+        wait_for(lambda: all(on_node(b"FaceCropper", ray_cluster, node) for node in ray_cluster.workers)
+                 or not job.running(), 180, "a cropper on each worker node")
+    # Each cropper call commits its own part; the node goes with a cropper in the middle of its work.
+    with held_mid_batch(b"FaceCropper", ray_cluster, ray_cluster.workers, job, output) as caught:
+        assert len(crop_rows(output)) < len(paths)
+        ray_cluster.remove(next(iter(caught.values())))
+    log = job.finish()
+    assert job.process.returncode == 0, log
+    rows = crop_rows(output)
+    assert sorted(path for path, _, _ in rows) == sorted(paths)  # one chip per chosen face, none twice
+    assert all(face == 0 and error is None for _, face, error in rows), rows
+
+
+def crop_rows(output: Path) -> list[tuple]:
+    if not committed_parts(str(output)):
+        return []
+    return duckdb.sql(f"select path, face, error from '{output}/part-*.parquet'").fetchall()
