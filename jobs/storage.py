@@ -7,7 +7,6 @@ import os
 
 import fsspec
 
-from .redaction import redact  # noqa: F401 - kept here for callers that import it from storage
 
 
 def parse_storage_options(text: str | None) -> dict:

@@ -25,6 +25,7 @@ import pytest
 from jobs.output import committed_parts
 
 from test_annotate_faults import REPO, output_rows, photo_folder, wait_for
+from test_train import WIDER, write_tiny_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -410,3 +411,37 @@ def crop_rows(output: Path) -> list[tuple]:
     if not committed_parts(str(output)):
         return []
     return duckdb.sql(f"select path, face, error from '{output}/part-*.parquet'").fetchall()
+
+
+# -- train ------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not WIDER.is_dir(), reason="../shared/data (WIDER, 5-point faces) not present")
+def test_train_resumes_from_its_checkpoint_when_a_worker_node_is_lost_mid_epoch(ray_cluster, jobs, tmp_path):
+    from mtcnn.weights import load_weights
+
+    write_tiny_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    # Two workers of one CPU each on the three nodes (at least one on a worker node), the third
+    # CPU reading and decoding the samples; 56 steps an epoch, a progress line every 10.
+    job = jobs(["train", "--stage", "pnet", "--data", str(tmp_path / "shards"), "--output", str(run),
+                "--address", ray_cluster.address, "--workers", "2", "--cpus-per-worker", "1", "--epochs", "3",
+                "--batch-size", "16", "--log-every", "10"], tmp_path / "train.log")
+    wait_for(lambda: "epoch 2/3 batch 10/" in job.text() or not job.running(), 240, "the second epoch under way")
+    assert job.running(), job.text()
+    trainers = ray_workers(b"RayTrainWorker", ray_cluster)
+    with frozen(trainers):  # held mid-epoch: none reaches the end of the epoch meanwhile
+        # Epoch 1 is checkpointed, epoch 2 is not: the node goes in the middle of epoch 2.
+        assert len([p for p in (run / "checkpoints" / "pnet").glob("checkpoint_*") if p.is_dir()]) == 1
+        victim = next(node for node, _ in trainers.values() if node is not ray_cluster.head)
+        ray_cluster.remove(victim)
+        # A node takes its place, as a cluster's autoscaler would bring one: without it, the new
+        # worker group takes the two CPUs left and the samples' reading never gets one (Ray Data:
+        # "Cluster resources are not enough to run any task ... may hang forever").
+        ray_cluster.add()
+    log = job.finish()
+    assert job.process.returncode == 0, log
+    assert "[pnet] resuming after epoch 0 from its checkpoint" in log, log
+    provenance = load_weights(run).provenance
+    assert provenance["epochs"] == 3 and len(provenance["loss_history"]) == 3
+    assert provenance["final_metrics"]["epoch"] == 2
+    assert provenance["final_metrics"]["resumed_from_epoch"] == 1

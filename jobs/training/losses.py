@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from mtcnn.nets import StageOutput
 
-from .schema import LANDMARK, NEGATIVE, PART, POSITIVE  # noqa: F401 - re-exported for callers
+from .schema import LANDMARK, NEGATIVE, PART, POSITIVE
 
 
 @dataclass(frozen=True)
