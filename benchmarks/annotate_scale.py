@@ -117,7 +117,7 @@ def in_process_rate(images: Path, count: int) -> float:
     """Images/s of read + decode + detect in this process on 2 threads, as the job's actors do."""
     import torch
 
-    from jobs.decode import decode_image
+    from jobs.inputs.decode import decode_image
     from mtcnn import FaceDetector
 
     torch.set_num_threads(2)
@@ -134,9 +134,9 @@ def in_process_rate(images: Path, count: int) -> float:
 def committed_output(root: Path, manifest: Path, count: int) -> Path:
     """An OUTPUT holding one committed row for each of the manifest's first `count` paths."""
 
-    from jobs.annotate_job import commit_rows
-    from jobs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-    from jobs.schema import annotation_table, run_metadata
+    from jobs.pipelines.annotate import commit_rows
+    from jobs.inputs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from jobs.common.schema import annotation_table, run_metadata
     from mtcnn import DetectorConfig, Detections, load_weights
 
     weights = load_weights("reference")

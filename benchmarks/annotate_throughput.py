@@ -30,7 +30,7 @@ def in_process_rate(paths: list[Path], threads: int, batch_size: int, device: st
     """Images/s of read + decode + FaceDetector.detect in this process."""
     import torch
 
-    from jobs.decode import decode_image
+    from jobs.inputs.decode import decode_image
     from mtcnn import FaceDetector
 
     torch.set_num_threads(threads)

@@ -69,7 +69,7 @@ def crops_against_annotate(limit: int, work: Path) -> None:
 
 def generated_rows(rows: int, folder: Path, part_rows: int = 100_000) -> None:
     """Write `rows` annotate rows with random faces as Parquet parts of part_rows rows."""
-    from jobs.schema import ANNOTATION_SCHEMA, FACE_TYPE
+    from jobs.common.schema import ANNOTATION_SCHEMA, FACE_TYPE
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def generated_rows(rows: int, folder: Path, part_rows: int = 100_000) -> None:
 
 def export_times(rows: int, wider_rows: int, work: Path) -> None:
     """Print the seconds each export format takes over generated rows."""
-    from jobs.export_job import ExportConfig, export
+    from jobs.pipelines.export import ExportConfig, export
 
     for count in sorted({rows, wider_rows}):
         started = time.perf_counter()

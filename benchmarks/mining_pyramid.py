@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.decode import decode_image
+from jobs.inputs.decode import decode_image
 from jobs.training.samples import SampleConfig, face_samples
 from mtcnn.annotations import read_wider
 from mtcnn.detector import DetectorConfig, FaceDetector
@@ -161,7 +161,7 @@ def main() -> None:
         print("AP of the stages trained on each sample set: train a cascade per pyramid (mtcnn-jobs prepare "
               "--pyramid classic|dynamic, then train) and pass both with --trained CLASSIC DYNAMIC.")
         return
-    from jobs.evaluate import InProcessDetection, evaluate_wider_folder
+    from jobs.commands.evaluate import InProcessDetection, evaluate_wider_folder
     from mtcnn.weights import load_weights
 
     aps = {}

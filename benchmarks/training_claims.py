@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobs.ray_env import init_ray  # noqa: E402
+from jobs.runtime.ray_env import init_ray  # noqa: E402
 from jobs.training.losses import STAGE_TASK_WEIGHTS, multitask_loss  # noqa: E402
 from jobs.training.trainer import TrainConfig, decode_samples, train_stage  # noqa: E402
 from mtcnn.nets import normalize_pixels  # noqa: E402

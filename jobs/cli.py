@@ -1,4 +1,4 @@
-"""mtcnn-jobs: the command line. Each subcommand lives in its own module under jobs/."""
+"""mtcnn-jobs: the command line. Each subcommand lives in its own module under jobs/commands/."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from .redaction import install_log_redaction, redact_text
+from jobs.common.redaction import install_log_redaction, redact_text
 
 #: Errors that mean the input is wrong (options, files, access): one line, exit status 2, no
 #: traceback. An error with an `exit_status` attribute exits with that instead.
@@ -19,17 +19,17 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, ConnectionError)
 # command whose files are its input). No command module imports another: what two commands
 # share lives below them (tests/test_layout.py).
 COMMANDS = {
-    "annotate": ("jobs.annotate", "detect faces in a folder, bucket or manifest of images into Parquet"),
-    "preview": ("jobs.preview", "draw an annotate run's detections into an HTML gallery"),
-    "crops": ("jobs.crops", "cut aligned face chips out of an annotate run's images into Parquet"),
-    "gallery": ("jobs.gallery", "a sample of a crops run's chips as an HTML gallery"),
-    "export": ("jobs.export", "an annotate run as COCO keypoints JSON, WIDER prediction files or CSV"),
-    "prepare": ("jobs.prepare", "make training samples for one stage as Parquet shards"),
-    "train": ("jobs.train", "train a stage, or the whole cascade from a config, with Ray Train"),
-    "evaluate": ("jobs.evaluate", "WIDER AP and landmark error of a weights file or of existing predictions"),
-    "submit": ("jobs.submit", "submit an mtcnn-jobs command to a Ray cluster"),
-    "jobs": ("jobs.cluster_jobs", "status, logs or stop of a submitted job"),
-    "convert-weights": ("jobs.convert_weights", "convert facenet-pytorch's reference weights"),
+    "annotate": ("jobs.commands.annotate", "detect faces in a folder, bucket or manifest of images into Parquet"),
+    "preview": ("jobs.commands.preview", "draw an annotate run's detections into an HTML gallery"),
+    "crops": ("jobs.commands.crops", "cut aligned face chips out of an annotate run's images into Parquet"),
+    "gallery": ("jobs.commands.gallery", "a sample of a crops run's chips as an HTML gallery"),
+    "export": ("jobs.commands.export", "an annotate run as COCO keypoints JSON, WIDER prediction files or CSV"),
+    "prepare": ("jobs.commands.prepare", "make training samples for one stage as Parquet shards"),
+    "train": ("jobs.commands.train", "train a stage, or the whole cascade from a config, with Ray Train"),
+    "evaluate": ("jobs.commands.evaluate", "WIDER AP and landmark error of a weights file or of existing predictions"),
+    "submit": ("jobs.commands.submit", "submit an mtcnn-jobs command to a Ray cluster"),
+    "jobs": ("jobs.commands.cluster_jobs", "status, logs or stop of a submitted job"),
+    "convert-weights": ("jobs.commands.convert_weights", "convert facenet-pytorch's reference weights"),
 }
 
 

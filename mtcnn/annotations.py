@@ -66,7 +66,7 @@ class ImageAnnotation:
 
 
 def _is_url(path: str) -> bool:
-    """Whether a path is written as a URL (jobs.storage.is_url's rule; the library stays apart)."""
+    """Whether a path is written as a URL (jobs.common.storage.is_url's rule; the library stays apart)."""
     return "://" in path
 
 

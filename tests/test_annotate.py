@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.annotate_job import AnnotateConfig, OutputError, annotate
+from jobs.pipelines.annotate import AnnotateConfig, OutputError, annotate
 from jobs.cli import main
-from jobs.reading import ReadPolicy
-from jobs.schema import read_metadata
-from jobs.storage import filesystem
+from jobs.inputs.reading import ReadPolicy
+from jobs.common.schema import read_metadata
+from jobs.common.storage import filesystem
 from mtcnn import DetectorConfig, load_weights
 
 DATA = Path(__file__).parent / "data"
@@ -221,7 +221,7 @@ def test_decoding_in_separate_tasks_gives_the_same_rows(first_run, images, tmp_p
 
 def test_a_detection_failure_marks_only_its_own_row(tmp_path):
     """When the batch call fails, each image is retried alone and only the culprit gets an error."""
-    from jobs.annotate_job import FaceAnnotator
+    from jobs.pipelines.annotate import FaceAnnotator
 
     astronaut = cv2.imread(str(DATA / "astronaut.png"))
     paths = []

@@ -20,9 +20,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from jobs.annotate_job import AnnotateConfig, annotate
+from jobs.pipelines.annotate import AnnotateConfig, annotate
 from jobs.output import committed_parts
-from jobs.storage import filesystem
+from jobs.common.storage import filesystem
 
 from test_annotate_faults import DATA, REPO, cli, output_rows, photo_folder, wait_for
 

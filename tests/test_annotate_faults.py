@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.annotate_job import AnnotateConfig, FaceAnnotator, annotate, commit_rows
+from jobs.pipelines.annotate import AnnotateConfig, FaceAnnotator, annotate, commit_rows
 from jobs.cli import main
 from jobs.output import LEASE_NAME, Lease, OutputError, committed_parts
-from jobs.reading import ReadPolicy
+from jobs.inputs.reading import ReadPolicy
 from jobs.output import path_digests
-from jobs.run_state import RunState
-from jobs.schema import annotation_table
-from jobs.storage import filesystem
+from jobs.pipelines.run_state import RunState
+from jobs.common.schema import annotation_table
+from jobs.common.storage import filesystem
 from mtcnn import DetectorConfig, load_weights
 
 DATA = Path(__file__).parent / "data"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import duckdb
 
-from jobs.annotate_job import AnnotateConfig, annotate
+from jobs.pipelines.annotate import AnnotateConfig, annotate
 
 DATA = Path(__file__).parent / "data"
 

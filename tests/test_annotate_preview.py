@@ -6,10 +6,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from jobs.annotate_job import commit_rows
+from jobs.pipelines.annotate import commit_rows
 from jobs.cli import main
-from jobs.decode import decode_image
-from jobs.schema import annotation_table
+from jobs.inputs.decode import decode_image
+from jobs.common.schema import annotation_table
 from mtcnn import FaceDetector
 
 DATA = Path(__file__).parent / "data"

@@ -14,7 +14,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.output import committed_parts
-from jobs.storage import filesystem
+from jobs.common.storage import filesystem
 from secret_shapes import all_secrets, build_corpus, scan, scan_tree
 
 DATA = Path(__file__).parent / "data"

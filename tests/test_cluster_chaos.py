@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from jobs.output import committed_parts
+from jobs.output import LEASE_NAME, committed_parts
 
 from test_annotate_faults import REPO, output_rows, photo_folder, wait_for
 from test_train import WIDER, write_tiny_shards
@@ -278,7 +278,7 @@ def cpu_held(ray_cluster: LocalCluster, node):
                               env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
-        assert holder.stdout.readline().strip() == "held", "could not hold the node's CPU"
+        assert "held" in (line.strip() for line in holder.stdout), "could not hold the node's CPU"
         yield
     finally:
         holder.stdin.close()  # its driver exits, and Ray ends its actor: the CPU is free again
@@ -294,11 +294,14 @@ def assert_one_row_each(output: Path, paths: list[str]) -> None:
     rows = output_rows(str(output))
     assert sorted(path for path, *_ in rows) == sorted(paths)  # each once, none lost
     assert all(faces == 1 and error is None for _, faces, error, _ in rows), rows
+    assert not (output / LEASE_NAME).exists()  # released at the end, node lost or not
 
 
 # -- annotate ---------------------------------------------------------------------------------
 
 def test_annotate_survives_a_worker_node_lost_mid_job(ray_cluster, jobs, tmp_path):
+    """A node is lost with a detector actor in the middle of a batch: Ray restarts the actor on a
+    CPU the pool frees and retries its batches; the crash journal sends their images one at a time."""
     paths = photo_folder(tmp_path / "images", 32)
     output = tmp_path / "out"
     job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
@@ -312,24 +315,28 @@ def test_annotate_survives_a_worker_node_lost_mid_job(ray_cluster, jobs, tmp_pat
 
 def test_annotate_survives_a_node_lost_after_the_job_sized_its_pool_before_actors_are_placed(
         ray_cluster, jobs, tmp_path):
+    """The job sized its pool for 3 CPUs, then a node goes before any actor is placed: the third
+    actor stays pending (Ray Data places actors asynchronously) and the other two do the work."""
     paths = photo_folder(tmp_path / "images", 24)
     output = tmp_path / "out"
-    victim = ray_cluster.workers[0]
     # No --concurrency: the job sizes its pool from the cluster it joins (3 CPUs: 3 to 6 actors).
     job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
-    # The run-state actor is up: the driver has joined the cluster and read its resources, and
-    # holds the lease. Held there (SIGSTOP), it places no detector actor while the node goes.
-    wait_for(lambda: on_node(b"RunState", ray_cluster, ray_cluster.head) or not job.running(), 120,
-             "the run-state actor")
+    # The lease is taken: the driver has joined the cluster and read its resources, and has yet to
+    # start its run state and its pipeline. Held there (SIGSTOP), it places nothing while a node goes.
+    lease = output / LEASE_NAME
+    while not lease.exists() and job.running():
+        time.sleep(0.01)
     with frozen([job.process.pid]):
-        assert not ray_workers(b"FaceAnnotator", ray_cluster), "detector actors were placed before the driver was held"
-        ray_cluster.remove(victim)
+        assert job.running(), job.text()
+        assert not ray_workers(b"FaceAnnotator", ray_cluster) and not ray_workers(b"RunState", ray_cluster)
+        ray_cluster.remove(ray_cluster.workers[0])
     log = job.finish()
     assert job.process.returncode == 0, log
     assert_one_row_each(output, paths)
 
 
 def test_annotate_pool_grows_onto_a_node_added_mid_job(make_cluster, jobs, tmp_path):
+    """A node joins mid-job: the pool (1 to 3 actors) grows onto it and an actor there detects."""
     ray_cluster = make_cluster(0)  # the head alone: 1 CPU, so the pool of 1 to 3 actors has 1
     paths = photo_folder(tmp_path / "images", 32)
     output = tmp_path / "out"
@@ -359,6 +366,7 @@ def test_annotate_pool_grows_onto_a_node_added_mid_job(make_cluster, jobs, tmp_p
 
 
 def test_annotate_run_state_is_on_the_driver_node_and_outlives_every_worker_node(ray_cluster, jobs, tmp_path):
+    """The run state is pinned to the driver's node: losing every worker node leaves it untouched."""
     paths = photo_folder(tmp_path / "images", 32)
     output = tmp_path / "out"
     job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address), tmp_path / "job.log")
@@ -381,6 +389,8 @@ def test_annotate_run_state_is_on_the_driver_node_and_outlives_every_worker_node
 # -- crops ------------------------------------------------------------------------------------
 
 def test_crops_survives_a_worker_node_lost_mid_job(ray_cluster, jobs, tmp_path):
+    """A cropper is lost with its work half committed: the retried call commits the same parts again
+    (named by their paths), so no chip is lost and none is there twice."""
     paths = photo_folder(tmp_path / "images", 40)
     annotations = tmp_path / "faces"
     made = jobs(["annotate", str(tmp_path / "images"), str(annotations), "--address", ray_cluster.address,
@@ -405,6 +415,7 @@ def test_crops_survives_a_worker_node_lost_mid_job(ray_cluster, jobs, tmp_path):
     rows = crop_rows(output)
     assert sorted(path for path, _, _ in rows) == sorted(paths)  # one chip per chosen face, none twice
     assert all(face == 0 and error is None for _, face, error in rows), rows
+    assert not (output / LEASE_NAME).exists()
 
 
 def crop_rows(output: Path) -> list[tuple]:
@@ -417,6 +428,8 @@ def crop_rows(output: Path) -> list[tuple]:
 
 @pytest.mark.skipif(not WIDER.is_dir(), reason="../shared/data (WIDER, 5-point faces) not present")
 def test_train_resumes_from_its_checkpoint_when_a_worker_node_is_lost_mid_epoch(ray_cluster, jobs, tmp_path):
+    """A training worker's node is lost in the middle of epoch 2: Ray Train restarts the worker group
+    from epoch 1's checkpoint and the run ends with the 3 epochs asked for."""
     from mtcnn.weights import load_weights
 
     write_tiny_shards(tmp_path / "shards")
@@ -432,8 +445,9 @@ def test_train_resumes_from_its_checkpoint_when_a_worker_node_is_lost_mid_epoch(
     with frozen(trainers):  # held mid-epoch: none reaches the end of the epoch meanwhile
         # Epoch 1 is checkpointed, epoch 2 is not: the node goes in the middle of epoch 2.
         assert len([p for p in (run / "checkpoints" / "pnet").glob("checkpoint_*") if p.is_dir()]) == 1
-        victim = next(node for node, _ in trainers.values() if node is not ray_cluster.head)
-        ray_cluster.remove(victim)
+        on_workers = [node for node, _ in trainers.values() if node is not ray_cluster.head]
+        assert len(trainers) == 2 and on_workers, trainers
+        ray_cluster.remove(on_workers[0])  # with a training worker on it
         # A node takes its place, as a cluster's autoscaler would bring one: without it, the new
         # worker group takes the two CPUs left and the samples' reading never gets one (Ray Data:
         # "Cluster resources are not enough to run any task ... may hang forever").

@@ -184,10 +184,10 @@ def test_a_command_imports_only_its_own_module():
 
     probe = ("import sys\nfrom jobs import cli\n"
              "try:\n    cli.main(['annotate', '--help'])\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('jobs.annotate', 'jobs.train', 'jobs.training.trainer', 'ray.train')"
+             "print(sorted(m for m in ('jobs.commands.annotate', 'jobs.commands.train', 'jobs.training.trainer', 'ray.train')"
              " if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "['jobs.annotate']"
+    assert done.stdout.strip().splitlines()[-1] == "['jobs.commands.annotate']"
 
 
 def _pins() -> dict[str, str]:

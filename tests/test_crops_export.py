@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.annotate_job import AnnotateConfig, annotate
+from jobs.pipelines.annotate import AnnotateConfig, annotate
 from jobs.cli import main
-from jobs.crops_job import CropsConfig, CropSettings, chip_file_name, crops, select_faces
-from jobs.decode import decode_image
+from jobs.pipelines.crops import CropsConfig, CropSettings, chip_file_name, crops, select_faces
+from jobs.inputs.decode import decode_image
 from jobs.output import committed_parts
 from mtcnn import DetectorConfig, FaceDetector
 from mtcnn.align import ARCFACE_TEMPLATE, align_face, template_points, transform_points, umeyama
@@ -337,7 +337,7 @@ def test_select_faces_filters_and_skips_done_images():
     import pyarrow as pa
 
     from jobs.output import path_digests
-    from jobs.schema import FACE_TYPE
+    from jobs.common.schema import FACE_TYPE
 
     face = lambda x, size, score: {"box": [x, 0, x + size, size], "score": score, "landmarks": [0.0] * 10}
     faces = [[face(0, 30, 0.99), face(50, 80, 0.95), face(200, 10, 0.999)], [face(0, 50, 0.9)], [], None]

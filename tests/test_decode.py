@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from jobs.decode import DecodeError, decode_image, image_size
+from jobs.inputs.decode import DecodeError, decode_image, image_size
 
 DATA = Path(__file__).parent / "data"
 

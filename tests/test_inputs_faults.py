@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import jobs.sources as sources
-from jobs.reading import (NOT_FOUND, PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, classify, read_bytes,
+import jobs.inputs.sources as sources
+from jobs.inputs.reading import (NOT_FOUND, PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, classify, read_bytes,
                           read_image)
-from jobs.sources import InputError, Unlisted, first_inputs, list_entries, list_inputs, plan_shards
-from jobs.storage import filesystem
+from jobs.inputs.sources import InputError, Unlisted, first_inputs, list_entries, list_inputs, plan_shards
+from jobs.common.storage import filesystem
 
 DATA = Path(__file__).parent / "data"
 #: No retries and no waits: each test looks at the first verdict.
@@ -328,7 +328,7 @@ def test_a_file_read_while_it_is_being_copied_never_fails_permanently(tmp_path, 
 def test_the_job_gives_every_awkward_entry_one_row_and_annotates_the_rest(ray_session, tmp_path, jpeg):
     import duckdb
 
-    from jobs.annotate_job import AnnotateConfig, annotate
+    from jobs.pipelines.annotate import AnnotateConfig, annotate
 
     folder = tmp_path / "in"
     deep = folder / "deep"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from jobs.output import LEASE_NAME, Lease, LeaseLost, OutputError
-from jobs.storage import filesystem, join
+from jobs.common.storage import filesystem, join
 
 REPO = Path(__file__).resolve().parents[1]
 TTL, BEAT = 3.0, 0.5

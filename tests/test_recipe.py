@@ -12,7 +12,7 @@ import pytest
 import s3fs
 
 from jobs.cli import main
-from jobs.stored_weights import load_weights_from
+from jobs.inputs.stored_weights import load_weights_from
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 

@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import jobs.storage
-from jobs import redaction
+import jobs.common.storage
+from jobs.common import redaction
 from jobs.cli import main
-from jobs.redaction import MASK, StreamRedactor, install_log_redaction, looks_like_secret, public_path, redact, redact_text
-from jobs.submit import SubmitError, check_arguments, parse_env
+from jobs.common.redaction import MASK, StreamRedactor, install_log_redaction, looks_like_secret, public_path, redact, redact_text
+from jobs.commands.submit import SubmitError, check_arguments, parse_env
 from secret_shapes import all_secrets, build_corpus, scan, scan_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,11 +138,11 @@ def test_redact_masks_options_by_name_and_by_shape():
 
 
 def test_the_name_list_lives_in_the_redaction_module_only():
-    assert jobs.storage.redact is redaction.redact
-    assert not hasattr(jobs.storage, "SECRET_KEYS")
+    assert not hasattr(jobs.common.storage, "redact")  # one home: jobs.common.redaction
+    assert not hasattr(jobs.common.storage, "SECRET_KEYS")
     names = [l for l in (REPO / "jobs").rglob("*.py") if "SECRET_NAME_PARTS" in l.read_text()
              or '"secret", "token"' in l.read_text()]
-    assert names == [REPO / "jobs" / "redaction.py"]
+    assert names == [REPO / "jobs" / "common" / "redaction.py"]
 
 
 def test_looks_like_secret_by_name_or_by_value():
@@ -257,7 +257,7 @@ from test_submit import mtcnn_jobs, ray_head  # noqa: E402,F401 - the module's f
 
 def _job_details(environ: dict, *job_ids: str) -> str:
     """Everything the job server stores about the jobs (details and logs), as one text."""
-    script = ("import json, sys\nfrom jobs.cluster_client import connect\nc = connect(None)\n"
+    script = ("import json, sys\nfrom jobs.runtime.cluster_client import connect\nc = connect(None)\n"
               "print(json.dumps({j: {'info': c.get_job_info(j).model_dump(mode='json'),"
               " 'logs': c.get_job_logs(j)} for j in sys.argv[1:]}))")
     done = subprocess.run([sys.executable, "-c", script, *job_ids], env=environ, cwd=REPO,
@@ -271,7 +271,7 @@ def test_jobs_status_and_logs_mask_every_shape(ray_head):
     # A job submitted by other means (the SDK, a colleague's script): its entrypoint holds every
     # shape, and it prints them all into its log.
     entrypoint = shlex.join(["printf", "%s\\n", *[shape.text for shape in CORPUS]])
-    script = ("import sys\nfrom jobs.cluster_client import connect, wait_until_done\nc = connect(None)\n"
+    script = ("import sys\nfrom jobs.runtime.cluster_client import connect, wait_until_done\nc = connect(None)\n"
               "c.submit_job(entrypoint=sys.stdin.read(), submission_id='prints-secrets')\n"
               "print(wait_until_done(c, 'prints-secrets').value)")
     submitted = subprocess.run([sys.executable, "-c", script], input=entrypoint, env=ray_head.environ,
@@ -422,7 +422,7 @@ def test_environment_is_untouched_by_the_corpus():
 
 
 def test_settings_that_name_an_auth_kind_are_not_masked():
-    from jobs.redaction import redact_text
+    from jobs.common.redaction import redact_text
 
     assert redact_text("set RAY_AUTH_MODE=disabled to turn it off") == "set RAY_AUTH_MODE=disabled to turn it off"
     assert "hunter2" not in redact_text("RAY_AUTH_TOKEN=hunter2 AUTH=hunter2")

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from jobs.cli import build_parser
-from jobs.settings import add_config_arguments, config_from_args
+from jobs.common.settings import add_config_arguments, config_from_args
 from jobs.training.prepare_stage import MINING_DETECTOR, PrepareConfig
 from jobs.training.samples import SampleConfig
 
@@ -82,7 +82,7 @@ def test_train_flags_default_to_train_config(tmp_path):
 
 
 def test_train_recipe_yaml_sets_defaults_and_flags_override_every_stage(tmp_path, monkeypatch):
-    from jobs import train
+    from jobs.commands import train
     from jobs.training import recipe
 
     recipe_file = tmp_path / "recipe.yaml"

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.sources import InputError, list_inputs
-from jobs.storage import filesystem
+from jobs.inputs.sources import InputError, list_inputs
+from jobs.common.storage import filesystem
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_s3_prefix_and_manifest_over_a_real_endpoint(s3_server):
 
 
 def test_a_text_manifest_cut_into_byte_ranges_lists_every_line_once(tmp_path, monkeypatch):
-    import jobs.sources as sources
+    import jobs.inputs.sources as sources
 
     lines = [f"s3://bucket/folder {i}/image-{i * 7919 % 1000:04d}.jpg" for i in range(500)]
     manifest = tmp_path / "big.txt"
@@ -93,7 +93,7 @@ def test_a_text_manifest_cut_into_byte_ranges_lists_every_line_once(tmp_path, mo
 
 
 def test_a_parquet_manifest_is_cut_at_row_groups(tmp_path):
-    from jobs.sources import plan_shards
+    from jobs.inputs.sources import plan_shards
 
     paths = [f"/images/{i}.jpg" for i in range(250_000)]
     pq.write_table(pa.table({"path": paths}), tmp_path / "m.parquet", row_group_size=30_000)

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from jobs.storage import filesystem
-from jobs.submit import SubmitError, check_arguments, parse_env
+from jobs.common.storage import filesystem
+from jobs.commands.submit import SubmitError, check_arguments, parse_env
 from mtcnn.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +224,7 @@ def test_annotate_job_on_s3_with_credentials_that_never_show(ray_head, s3_server
 _READBACK = """
 import contextlib, io, json, sys
 from jobs.cli import main
-from jobs.cluster_client import connect
+from jobs.runtime.cluster_client import connect
 client, out = connect(None), {}
 for job_id in sys.argv[1:]:
     printed = io.StringIO()

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.redaction import redact
+from jobs.common.redaction import redact
 from mtcnn.weights import load_weights, save_weights
 
 

@@ -7,11 +7,11 @@
 - writer.py: PartsOutput (check, open, commit, close) and CommitBuffer (time-bounded commits).
 """
 
-from .lease import LEASE_NAME, Lease, LeaseLost, new_owner
-from .parts import DamagedPart, OutputError, committed_parts, is_part, part_name
-from .resume import ResumeIndex, path_digests, redo_mask, scan_parts
-from .store import OutputFull, StorePatience, StoreUnavailable, retry_store
-from .writer import CommitBuffer, OutputMode, PartsOutput, PartWriter, settings_difference
+from jobs.output.lease import LEASE_NAME, Lease, LeaseLost, new_owner
+from jobs.output.parts import DamagedPart, OutputError, committed_parts, is_part, part_name
+from jobs.output.resume import ResumeIndex, path_digests, redo_mask, scan_parts
+from jobs.output.store import OutputFull, StorePatience, StoreUnavailable, retry_store
+from jobs.output.writer import CommitBuffer, OutputMode, PartsOutput, PartWriter, settings_difference
 
 __all__ = ["CommitBuffer", "DamagedPart", "LEASE_NAME", "Lease", "LeaseLost", "OutputError", "OutputFull",
            "OutputMode", "PartWriter", "PartsOutput", "ResumeIndex", "StorePatience", "StoreUnavailable", "committed_parts",

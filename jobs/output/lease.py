@@ -33,8 +33,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..storage import filesystem, is_remote, join
-from .parts import OutputError
+from jobs.common.storage import filesystem, is_remote, join
+from jobs.output.parts import OutputError
 
 LEASE_NAME = "_lease.json"
 LOCK_NAME = "_lease.lock"

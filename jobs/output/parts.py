@@ -26,7 +26,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import filesystem, is_remote, join
+from jobs.common.storage import filesystem, is_remote, join
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..schema import ErrorKind
-from ..storage import filesystem
-from .parts import commit_file, parquet_bytes, read_part
-from .store import StorePatience, retry_store
+from jobs.common.schema import ErrorKind
+from jobs.common.storage import filesystem
+from jobs.output.parts import commit_file, parquet_bytes, read_part
+from jobs.output.store import StorePatience, retry_store
 
 #: Columns the scan reads from every part; the rest only from a part it rewrites.
 SCAN_COLUMNS = ["path", "error", "error_kind"]

@@ -107,7 +107,7 @@ def retry_store(call: Callable[[], T], what: str, patience: StorePatience = Stor
 
 
 def _first_line(error: BaseException) -> str:
-    from ..redaction import redact_text
+    from jobs.common.redaction import redact_text
 
     text = str(error).strip().splitlines()
     return redact_text(text[0]) if text else type(error).__name__

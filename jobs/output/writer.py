@@ -26,13 +26,13 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..redaction import public_path
-from ..storage import filesystem, is_remote, join
-from .lease import Lease, new_owner
-from .parts import (DamagedPart, OutputError, commit_file, committed_parts, damaged_message, parquet_bytes,
+from jobs.common.redaction import public_path
+from jobs.common.storage import filesystem, is_remote, join
+from jobs.output.lease import Lease, new_owner
+from jobs.output.parts import (DamagedPart, OutputError, commit_file, committed_parts, damaged_message, parquet_bytes,
                     part_name, remove_stale_temporaries)
-from .resume import ResumeIndex, scan_parts
-from .store import OutputFull, StorePatience, StoreUnavailable, retry_store
+from jobs.output.resume import ResumeIndex, scan_parts
+from jobs.output.store import OutputFull, StorePatience, StoreUnavailable, retry_store
 
 _STORE_FAILURES = (StoreUnavailable, OutputFull)
 

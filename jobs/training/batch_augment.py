@@ -13,7 +13,7 @@ import torch
 
 from mtcnn.box_coder import flip_targets
 
-from .schema import LANDMARK
+from jobs.training.schema import LANDMARK
 
 
 @dataclass(frozen=True)

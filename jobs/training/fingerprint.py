@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 
-from ..redaction import redact
+from jobs.common.redaction import redact
 
 #: TrainConfig fields that change how a run is carried out, not what it learns.
 OPERATIONAL_TRAIN_FIELDS = frozenset({

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from mtcnn.nets import StageOutput
 
-from .schema import LANDMARK, NEGATIVE, PART, POSITIVE
+from jobs.training.schema import LANDMARK, NEGATIVE, PART, POSITIVE
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ from mtcnn.detector import DetectorConfig
 from mtcnn.nets import stage_spec
 from mtcnn.weights import CascadeWeights
 
-from ..decode import read_rgb
-from ..redaction import public_path, redact, redact_text
-from ..storage import filesystem, is_remote
-from ..stored_weights import load_weights_from
-from .augment import AugmentConfig, augment
-from .fingerprint import prepare_settings
-from .samples import SampleConfig, SampleSet, face_samples, landmark_samples, to_table
-from .schema import KIND_NAMES, SAMPLE_SCHEMA, SUMMARY_FILE, stage_folder
+from jobs.inputs.decode import read_rgb
+from jobs.common.redaction import public_path, redact, redact_text
+from jobs.common.storage import filesystem, is_remote
+from jobs.inputs.stored_weights import load_weights_from
+from jobs.training.augment import AugmentConfig, augment
+from jobs.training.fingerprint import prepare_settings
+from jobs.training.samples import SampleConfig, SampleSet, face_samples, landmark_samples, to_table
+from jobs.training.schema import KIND_NAMES, SAMPLE_SCHEMA, SUMMARY_FILE, stage_folder
 
 #: Mining with the detector's own thresholds: each stage trains on the windows it will be handed
 #: at detection time (lower ones multiply the windows, and the time, for little gain).
@@ -330,7 +330,7 @@ def prepare_stage(config: PrepareConfig) -> PrepareSummary:
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from ..ray_env import init_ray
+    from jobs.runtime.ray_env import init_ray
 
     started = time.perf_counter()
     weights = _mining_weights(config)

@@ -13,14 +13,14 @@ from mtcnn.annotations import split_format
 from mtcnn.nets import STAGE_NAMES
 from mtcnn.pyramid import PYRAMIDS
 
-from ..redaction import redact, redact_text
-from ..settings import build, merge, read_yaml
-from ..storage import filesystem, is_remote, is_url, join
-from ..stored_weights import WEIGHTS_FILE, load_weights_from
-from .fingerprint import prepare_settings, refuse_unless_restart
-from .samples import SampleConfig
-from .schema import SUMMARY_FILE, stage_folder
-from .trainer import TrainConfig, TrainSummary, run_settings, train_stage
+from jobs.common.redaction import redact, redact_text
+from jobs.common.settings import build, merge, read_yaml
+from jobs.common.storage import filesystem, is_remote, is_url, join
+from jobs.inputs.stored_weights import WEIGHTS_FILE, load_weights_from
+from jobs.training.fingerprint import prepare_settings, refuse_unless_restart
+from jobs.training.samples import SampleConfig
+from jobs.training.schema import SUMMARY_FILE, stage_folder
+from jobs.training.trainer import TrainConfig, TrainSummary, run_settings, train_stage
 
 
 #: Per-stage keys a recipe may set: the training and sample settings that differ by stage.
@@ -158,8 +158,8 @@ def _prepare(config: RecipeConfig, stage: str, samples_root: str, weights: str |
     """Make a stage's samples, or reuse those an earlier run made with the same settings."""
     from mtcnn.detector import DetectorConfig
 
-    from .augment import AugmentConfig
-    from .prepare_stage import MINING_DETECTOR, PrepareConfig, prepare_stage
+    from jobs.training.augment import AugmentConfig
+    from jobs.training.prepare_stage import MINING_DETECTOR, PrepareConfig, prepare_stage
 
     prepare = PrepareConfig(
         output=samples_root, samples=config.stages[stage].samples(stage),

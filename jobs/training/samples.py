@@ -21,7 +21,7 @@ from mtcnn.boxes import crop_resize, host_integral_image, integral_image
 from mtcnn.annotations import DETECTOR_WINDOW_RULE, box_from_points
 from mtcnn.nets import STAGE_NAMES, stage_spec
 
-from .schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA
+from jobs.training.schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA
 
 #: Label of a window that is none of the kinds (between thresholds, or on an ignore box).
 DISCARD = -1

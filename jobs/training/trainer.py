@@ -25,14 +25,14 @@ from ray.train.torch import TorchTrainer
 from mtcnn.nets import STAGE_NAMES, build_stage, normalize_pixels, stage_spec
 from mtcnn.weights import save_weights
 
-from ..ray_env import init_ray
-from ..redaction import redact, redact_text
-from ..storage import filesystem, is_remote, join
-from ..stored_weights import WEIGHTS_FILE, load_weights_from
-from .batch_augment import BatchAugmentConfig, augment_batch
-from .fingerprint import RUN_SETTINGS_FILE, refuse_unless_restart, train_settings
-from .losses import LANDMARK_LOSSES, LossTerms, multitask_loss, task_weights
-from .schema import SUMMARY_FILE
+from jobs.runtime.ray_env import init_ray
+from jobs.common.redaction import redact, redact_text
+from jobs.common.storage import filesystem, is_remote, join
+from jobs.inputs.stored_weights import WEIGHTS_FILE, load_weights_from
+from jobs.training.batch_augment import BatchAugmentConfig, augment_batch
+from jobs.training.fingerprint import RUN_SETTINGS_FILE, refuse_unless_restart, train_settings
+from jobs.training.losses import LANDMARK_LOSSES, LossTerms, multitask_loss, task_weights
+from jobs.training.schema import SUMMARY_FILE
 
 #: Columns of the sample schema (jobs/training/schema.py) that training reads.
 SAMPLE_COLUMNS = ("image", "size", "kind", "box", "landmarks")

@@ -110,28 +110,6 @@ def row_detections(faces: pa.Array | pa.ChunkedArray) -> list[Detections | None]
             if ok else None for lo, hi, ok in zip(offsets[:-1], offsets[1:], valid)]
 
 
-def read_annotations(output: str, storage_options: dict | None = None,
-                     columns: list[str] | None = None) -> pa.Table:
-    """The committed rows of an annotate OUTPUT as one Arrow table (for tools on small outputs)."""
-    import pyarrow.dataset as pads
-
-    from .output.parts import committed_parts
-    from .storage import filesystem
-
-    parts = committed_parts(output, storage_options)
-    if not parts:
-        raise FileNotFoundError(f"no annotate results (part-*.parquet) under {output}")
-    fs, _ = filesystem(output, storage_options)
-    try:
-        return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
-    except pa.ArrowException:
-        from .output.parts import read_part
-
-        for part in parts:  # which one: read each on its own, to name it
-            read_part(fs, part, columns)
-        raise
-
-
 def run_metadata(weights_source: str, weights_sha256: str, weights_provenance: dict,
                  detector: DetectorConfig, max_pixels: int, max_bytes: int | None = None) -> dict:
     """What made these rows: weights identity, detection parameters, versions and time."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cluster_client import job_info, connect, exit_status, follow, wait_until_done
-from .redaction import redact_text
+from jobs.runtime.cluster_client import job_info, connect, exit_status, follow, wait_until_done
+from jobs.common.redaction import redact_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

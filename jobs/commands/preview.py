@@ -1,15 +1,15 @@
 """mtcnn-jobs preview: draw an annotate run's boxes, scores and landmarks into an HTML gallery.
 
-The pictures are made by jobs/preview_job.py; this module is its command line.
+The pictures are made by jobs/pipelines/preview.py; this module is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .preview_job import PreviewConfig, make_preview
-from .redaction import redact_text
-from .storage import parse_storage_options
+from jobs.pipelines.preview import PreviewConfig, make_preview
+from jobs.common.redaction import redact_text
+from jobs.common.storage import parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

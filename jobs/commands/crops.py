@@ -1,6 +1,6 @@
 """mtcnn-jobs crops: cut aligned face chips out of an annotate run's images into Parquet.
 
-The job is jobs/crops_job.py (annotations -> faces chosen -> FaceCropper actors, each committing
+The job is jobs/pipelines/crops.py (annotations -> faces chosen -> FaceCropper actors, each committing
 its part); this module is its command line, built from CropsConfig (and CropSettings inside it).
 """
 
@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
-from .crops_job import CropsConfig, crops
-from .settings import add_config_arguments, config_from_args
+from jobs.pipelines.crops import CropsConfig, crops
+from jobs.common.settings import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mtcnn.weights import CascadeWeights, WeightsError, load_weights
 
-from .redaction import public_path
-from .storage import filesystem, is_remote, join
+from jobs.common.redaction import public_path
+from jobs.common.storage import filesystem, is_remote, join
 
 #: The file a training run (and a recipe) writes its cascade to; a run folder means this file.
 WEIGHTS_FILE = "weights.safetensors"

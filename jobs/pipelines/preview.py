@@ -1,6 +1,6 @@
 """Drawing an annotate run's boxes, scores and landmarks into an HTML gallery.
 
-Its command line is jobs/preview.py."""
+Its command line is jobs/commands/preview.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 import pyarrow.compute as pc
 
-from .reading import ReadFailure, ReadPolicy, read_image
-from .redaction import public_path, redact_text
-from .schema import read_annotations
+from jobs.inputs.reading import ReadFailure, ReadPolicy, read_image
+from jobs.common.redaction import public_path, redact_text
+from jobs.inputs.annotation_files import read_annotations
 
 # Landmark colours (RGB): left eye, right eye, nose, left and right mouth corner.
 POINT_COLOURS = [(255, 64, 64), (64, 160, 255), (255, 220, 0), (255, 0, 255), (0, 255, 255)]

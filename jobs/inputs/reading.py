@@ -22,9 +22,9 @@ from datetime import datetime
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeError, decode_image, image_size
-from .redaction import public_path, redact_text
-from .storage import filesystem
+from jobs.inputs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeError, decode_image, image_size
+from jobs.common.redaction import public_path, redact_text
+from jobs.common.storage import filesystem
 
 PERMANENT = "permanent"
 TRANSIENT = "transient"

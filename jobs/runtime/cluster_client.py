@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from .redaction import StreamRedactor, redact_text
+from jobs.common.redaction import StreamRedactor, redact_text
 
 #: Exit status of `submit --wait` and `jobs logs --follow` per final job status.
 EXIT_STATUS = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.STOPPED: 3}

@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 
 from mtcnn.align import ALIGN_METHODS, AlignError, align_face, transform_points
 
-from .annotation_files import annotation_files, check_schema, run_metadata_of
-from .decode import DEFAULT_MAX_PIXELS
-from .data_context import ray_data_context
-from .output import OutputMode, PartsOutput, PartWriter, path_digests
-from .reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_image
-from .storage import filesystem, is_remote, join
+from jobs.inputs.annotation_files import annotation_files, check_schema, run_metadata_of
+from jobs.inputs.decode import DEFAULT_MAX_PIXELS
+from jobs.runtime.data_context import ray_data_context
+from jobs.output import OutputMode, PartsOutput, PartWriter, path_digests
+from jobs.inputs.reading import PERMANENT, TRANSIENT, ReadFailure, ReadPolicy, first_line, read_image
+from jobs.common.storage import filesystem, is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def common_root(location: str, storage_options: dict) -> str:
 
 def crops(config: CropsConfig, on_batch: Callable[[CropsSummary], None] | None = None) -> CropsSummary:
     """Run the crops job; on_batch is called after each committed part."""
-    from .ray_env import init_ray
+    from jobs.runtime.ray_env import init_ray
 
     started = time.perf_counter()
     fs, files = annotation_files(config.annotations, config.storage_options)

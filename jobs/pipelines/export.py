@@ -1,6 +1,6 @@
 """The export job: annotations as COCO keypoints JSON, WIDER FACE prediction files or a flat CSV, streamed.
 
-Its command line is jobs/export.py."""
+Its command line is jobs/commands/export.py."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .annotation_files import AnnotationsError, flatten_faces, iter_batches, run_metadata_of
-from .storage import filesystem, is_remote
+from jobs.inputs.annotation_files import AnnotationsError, flatten_faces, iter_batches, run_metadata_of
+from jobs.common.storage import filesystem, is_remote
 
 FORMATS = ("coco", "wider", "csv")
 #: Landmark names in the schema's point order (image-left first), for COCO and CSV.

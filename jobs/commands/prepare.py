@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from .redaction import redact_text
-from .settings import add_config_arguments, config_from_args
-from .training.prepare_stage import PrepareConfig, prepare_stage
+from jobs.common.redaction import redact_text
+from jobs.common.settings import add_config_arguments, config_from_args
+from jobs.training.prepare_stage import PrepareConfig, prepare_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ The pipeline: list (read tasks, in chunks, leaving out what is done) -> [decode 
 clusters] -> FaceAnnotator actors -> rows to the driver, which commits them as Parquet parts
 (jobs/output: fenced by its lease, a part every rows_per_file rows or commit_seconds, and what is
 made when the job is stopped). Rows are small (a path and its faces); pixels never leave the
-workers. Its command line is jobs/annotate.py; `mtcnn-jobs evaluate --ray` runs it too.
+workers. Its command line is jobs/commands/annotate.py; `mtcnn-jobs evaluate --ray` runs it too.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ import pyarrow.compute as pc
 from mtcnn import Detections, DetectorConfig, FaceDetector, estimate_peak_bytes, in_original, scale_to_fit, shrunk
 from mtcnn.weights import CascadeWeights
 
-from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from .data_context import ray_data_context
-from .output import (CommitBuffer, OutputError, OutputFull, OutputMode, PartsOutput, StorePatience,
+from jobs.inputs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from jobs.runtime.data_context import ray_data_context
+from jobs.output import (CommitBuffer, OutputError, OutputFull, OutputMode, PartsOutput, StorePatience,
                      StoreUnavailable, part_name, path_digests)
-from .progress import ProgressLine
-from .reading import ReadFailure, ReadPolicy, first_line, read_image
-from .run_state import MAX_STRIKES, RunState
-from .schema import ANNOTATION_SCHEMA, METADATA_KEY, ErrorKind, annotation_table, run_metadata, settings_of
-from .sources import CHUNK_PATHS, ListingShard, Unlisted, plan_shards
-from .redaction import public_path, redact, redact_text
-from .stored_weights import load_weights_from
+from jobs.runtime.progress import ProgressLine
+from jobs.inputs.reading import ReadFailure, ReadPolicy, first_line, read_image
+from jobs.pipelines.run_state import MAX_STRIKES, RunState
+from jobs.common.schema import ANNOTATION_SCHEMA, METADATA_KEY, ErrorKind, annotation_table, run_metadata, settings_of
+from jobs.inputs.sources import CHUNK_PATHS, ListingShard, Unlisted, plan_shards
+from jobs.common.redaction import public_path, redact, redact_text
+from jobs.inputs.stored_weights import load_weights_from
 
 PERMANENT, TRANSIENT, CRASHED = (kind.value for kind in ErrorKind)
 
@@ -56,7 +56,7 @@ def _concurrency(text: str) -> int | tuple[int, int]:
 @dataclass
 class AnnotateConfig:
     """Everything one annotate run needs: the one declaration of each setting, its flag and its help
-    (jobs/settings.py builds `mtcnn-jobs annotate`'s options and reads --config YAML from it)."""
+    (jobs/common/settings.py builds `mtcnn-jobs annotate`'s options and reads --config YAML from it)."""
 
     input: str = field(metadata={"positional": True, "metavar": "INPUT", "help": (
         "folder, object-store prefix (s3://bucket/prefix) or manifest (.txt, one path a line; "
@@ -542,7 +542,7 @@ def commit_rows(batch: pa.Table, output: str, storage_options: dict, metadata: s
     """Write annotation rows as one part of an OUTPUT that no job holds (for tools and tests); its path.
 
     A job commits through jobs/output's PartsOutput instead, fenced by its lease."""
-    from .output.parts import commit_file, parquet_bytes
+    from jobs.output.parts import commit_file, parquet_bytes
 
     schema = ANNOTATION_SCHEMA.with_metadata({METADATA_KEY: metadata.encode()})
     table = batch.select(ANNOTATION_SCHEMA.names).cast(schema)
@@ -606,7 +606,7 @@ def _connect(config: AnnotateConfig) -> dict:
     """Join (or start) Ray and check it has what the run asks for; its resources."""
     import ray
 
-    from .ray_env import init_ray
+    from jobs.runtime.ray_env import init_ray
 
     init_ray(config.address)
     resources = ray.cluster_resources()

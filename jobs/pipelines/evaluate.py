@@ -1,6 +1,6 @@
 """The evaluate job: WIDER AP (easy / medium / hard) and landmark error of a weights file or of existing predictions.
 
-Its command line is jobs/evaluate.py."""
+Its command line is jobs/commands/evaluate.py."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from mtcnn.annotations import AnnotationError, read_facepoint_list
 from mtcnn.evaluation import (SETTINGS, LandmarkResult, WiderResult, evaluate_landmarks, evaluate_wider,
                               load_wider_ground_truth, save_pr_curves)
 
-from .annotation_files import flatten_faces, iter_batches, run_metadata_of
-from .redaction import public_path, redact, redact_text
-from .decode import DecodeError, read_rgb
-from .schema import read_annotations, row_detections
-from .storage import is_url
-from .stored_weights import load_weights_from
+from jobs.inputs.annotation_files import flatten_faces, iter_batches, run_metadata_of
+from jobs.common.redaction import public_path, redact, redact_text
+from jobs.inputs.decode import DecodeError, read_rgb
+from jobs.common.schema import row_detections
+from jobs.inputs.annotation_files import read_annotations
+from jobs.common.storage import is_url
+from jobs.inputs.stored_weights import load_weights_from
 
 
 class ImageReadError(ValueError):
@@ -101,7 +102,7 @@ class AnnotateJobDetection:
 
     def __call__(self, paths: list[str], label: str) -> list[Detections]:
         """Detections for each image file, in order; the job's rows stay under work_dir/label."""
-        from .annotate_job import AnnotateConfig, annotate
+        from jobs.pipelines.annotate import AnnotateConfig, annotate
 
         folder = Path(self.work_dir) / label
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,14 @@
 """mtcnn-jobs gallery: a sample of a crops run's chips, with the template points drawn, as an HTML page.
 
-The page is made by jobs/gallery_job.py; this module is its command line.
+The page is made by jobs/pipelines/gallery.py; this module is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .gallery_job import make_gallery
-from .storage import parse_storage_options
+from jobs.pipelines.gallery import make_gallery
+from jobs.common.storage import parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .storage import filesystem, is_remote, is_url, protocol_prefix
+from jobs.common.storage import filesystem, is_remote, is_url, protocol_prefix
 
 #: File name endings taken as images when listing a folder or prefix (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -151,8 +151,8 @@ def first_inputs(shards: list[ListingShard], storage_options: dict | None = None
 
 
 def probe_listing(shards: list[ListingShard], storage_options: dict | None, policy) -> str | None:
-    """jobs.reading.probe_reads on the listing's first paths, listed where this runs."""
-    from .reading import probe_reads
+    """jobs.inputs.reading.probe_reads on the listing's first paths, listed where this runs."""
+    from jobs.inputs.reading import probe_reads
 
     return probe_reads(first_inputs(shards, storage_options), storage_options or {}, policy)
 

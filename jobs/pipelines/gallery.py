@@ -1,6 +1,6 @@
 """A sample of a crops run's chips, with the template points drawn, as an HTML page.
 
-Its command line is jobs/gallery.py."""
+Its command line is jobs/commands/gallery.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pyarrow.dataset as pads
 
 from mtcnn.align import template_points
 
-from .output.parts import committed_parts
-from .storage import filesystem
+from jobs.output.parts import committed_parts
+from jobs.common.storage import filesystem
 
 # Landmark colours (BGR for OpenCV): left eye, right eye, nose, left and right mouth corner.
 POINT_COLOURS = [(64, 64, 255), (255, 160, 64), (0, 220, 255), (255, 0, 255), (255, 255, 0)]

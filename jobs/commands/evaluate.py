@@ -1,6 +1,6 @@
 """mtcnn-jobs evaluate: WIDER AP (easy / medium / hard) and landmark error of a weights file or of existing predictions.
 
-The job is jobs/evaluate_job.py; this module is its command line.
+The job is jobs/pipelines/evaluate.py; this module is its command line.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .detector_args import add_detector_arguments, detector_config
-from .evaluate_job import EvaluateConfig, evaluate, format_table
-from .storage import parse_storage_options
+from jobs.common.detector_args import add_detector_arguments, detector_config
+from jobs.pipelines.evaluate import EvaluateConfig, evaluate, format_table
+from jobs.common.storage import parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from .ray_env import init_ray
-from .redaction import redact_text
-from .settings import add_config_arguments, config_from_args, given
-from .training.recipe import TRAIN_KEYS, RecipeConfig
-from .training.trainer import TrainConfig
+from jobs.runtime.ray_env import init_ray
+from jobs.common.redaction import redact_text
+from jobs.common.settings import add_config_arguments, config_from_args, given
+from jobs.training.recipe import TRAIN_KEYS, RecipeConfig
+from jobs.training.trainer import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_recipe(args: argparse.Namespace) -> int:
-    from .training.recipe import load_recipe, run_recipe
+    from jobs.training.recipe import load_recipe, run_recipe
 
     if not getattr(args, "output", None):
         raise ValueError("give --output (the run folder)")
@@ -48,7 +48,7 @@ def _run_recipe(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run `mtcnn-jobs train`; 0 on success (bad input: cli.main reports it, exit 2)."""
-    from .training.trainer import train_stage
+    from jobs.training.trainer import train_stage
 
     if args.config:
         return _run_recipe(args)

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .output.parts import DamagedPart, damaged_message
-from .schema import read_metadata
-from .storage import filesystem
+from jobs.output.parts import DamagedPart, committed_parts, damaged_message, read_part
+from jobs.common.schema import read_metadata
+from jobs.common.storage import filesystem
 
 #: Columns every annotations file needs; faces are list<struct<box[4], score, landmarks[10]>>.
 REQUIRED_COLUMNS = ("path", "faces")
@@ -152,3 +152,20 @@ def read_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes | 
 
 
 _OPTIONAL = {"width": pa.int32(), "height": pa.int32(), "error": pa.string()}
+
+
+def read_annotations(output: str, storage_options: dict | None = None,
+                     columns: list[str] | None = None) -> pa.Table:
+    """The committed rows of an annotate OUTPUT as one Arrow table (for tools on small outputs)."""
+    import pyarrow.dataset as pads
+
+    parts = committed_parts(output, storage_options)
+    if not parts:
+        raise FileNotFoundError(f"no annotate results (part-*.parquet) under {output}")
+    fs, _ = filesystem(output, storage_options)
+    try:
+        return pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=columns)
+    except pa.ArrowException:
+        for part in parts:  # which one: read each on its own, to name it
+            read_part(fs, part, columns)
+        raise

@@ -40,5 +40,5 @@ def _init(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
         # mask credentials in what they log, as the CLI does (a cluster's jobs get this from
         # submit's runtime environment instead: one given here would replace the job's).
         ray.init(num_cpus=num_cpus, include_dashboard=None if dashboard else False,
-                 runtime_env={"worker_process_setup_hook": "jobs.redaction.install_log_redaction"},
+                 runtime_env={"worker_process_setup_hook": "jobs.common.redaction.install_log_redaction"},
                  **kwargs)

@@ -6,7 +6,7 @@ import argparse
 
 from mtcnn import DetectorConfig
 
-from .settings import add_config_arguments, build, given_under
+from jobs.common.settings import add_config_arguments, build, given_under
 
 #: The DetectorConfig fields the commands expose; the others keep their defaults.
 DETECTOR_FLAGS = ("min_face_size", "thresholds", "scale_factor", "pyramid", "precision")

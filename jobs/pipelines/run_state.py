@@ -25,8 +25,8 @@ import time
 
 import numpy as np
 
-from .output.parts import committed_parts
-from .output.resume import scan_parts
+from jobs.output.parts import committed_parts
+from jobs.output.resume import scan_parts
 
 #: Worker deaths with an image in flight after which that image is given up for this run.
 MAX_STRIKES = 2
@@ -67,9 +67,9 @@ class RunState:
                 "duplicates": index.duplicates}
 
     def probe(self, shards: list, storage_options: dict, policy) -> str | None:
-        """jobs.sources.probe_listing, run here: this actor is a worker already, and one process
+        """jobs.inputs.sources.probe_listing, run here: this actor is a worker already, and one process
         fewer to start matters on small machines."""
-        from .sources import probe_listing
+        from jobs.inputs.sources import probe_listing
 
         return probe_listing(shards, storage_options, policy)
 

@@ -1,14 +1,14 @@
 """mtcnn-jobs export: an annotate run as COCO keypoints JSON, WIDER FACE prediction files or a flat CSV.
 
-The job is jobs/export_job.py; this module is its command line, built from ExportConfig.
+The job is jobs/pipelines/export.py; this module is its command line, built from ExportConfig.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .export_job import ExportConfig, export
-from .settings import add_config_arguments, config_from_args
+from jobs.pipelines.export import ExportConfig, export
+from jobs.common.settings import add_config_arguments, config_from_args
 
 #: Besides cli.INPUT_ERRORS: the output file cannot be written.
 INPUT_ERRORS = (OSError,)

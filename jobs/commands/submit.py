@@ -10,7 +10,7 @@ What travels with a job (its runtime environment):
     values appear in no job metadata, entrypoint or log. A setting is secret when its name says so
     (KEY, SECRET, TOKEN, PASSWORD, CREDENTIAL, CONNECTION_STRING, DATABASE_URL, ...), when its value
     looks like a credential (a URL with user:password@, a presigned or SAS query, a connection
-    string with AccountKey= or Password=, a bearer token, a private key, ...; see jobs.redaction),
+    string with AccountKey= or Password=, a bearer token, a private key, ...; see jobs.common.redaction),
     or when it is named with --secret-env.
 """
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from .cluster_client import connect, exit_status, follow
-from .redaction import is_secret_name, looks_like_secret, redact, redact_text
+from jobs.runtime.cluster_client import connect, exit_status, follow
+from jobs.common.redaction import is_secret_name, looks_like_secret, redact, redact_text
 
 #: Name of the generated package that carries secret settings to the job's processes.
 ENV_PACKAGE = "_mtcnn_job_env"
@@ -49,7 +49,7 @@ def apply() -> None:
     """Put the shipped settings into this process's environment (Ray runs it in every worker)."""
     os.environ.update(json.loads((Path(__file__).parent / "values.json").read_text()))
     try:  # the job's one setup hook: mask what the worker logs, as the CLI does
-        from jobs.redaction import install_log_redaction
+        from jobs.common.redaction import install_log_redaction
     except ImportError:
         return
     install_log_redaction()
@@ -167,7 +167,7 @@ def runtime_environment(settings: JobSettings, working_dir: str | None) -> Itera
         runtime_env["env_vars"] = dict(settings.plain)
     if not settings.secret:
         # Workers mask what they log, as the CLI does (with secrets, the package's hook does it).
-        runtime_env["worker_process_setup_hook"] = "jobs.redaction.install_log_redaction"
+        runtime_env["worker_process_setup_hook"] = "jobs.common.redaction.install_log_redaction"
         yield runtime_env, []
         return
     with tempfile.TemporaryDirectory(prefix="mtcnn-submit-") as folder:
@@ -215,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_command(command: str, arguments: list[str]) -> None:
-    from .cli import build_parser
+    from jobs.cli import build_parser
 
     if command in LOCAL_ONLY_COMMANDS:
         raise SubmitError(f"{command!r} runs on this machine, not as a cluster job")

@@ -16,7 +16,7 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
 import cv2  # noqa: E402 - after the limit above
 import numpy as np  # noqa: E402
 
-from .storage import filesystem  # noqa: E402
+from jobs.common.storage import filesystem  # noqa: E402
 
 #: Default cap on a file's size in bytes, checked before it is read whole.
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024

@@ -1,6 +1,6 @@
 """mtcnn-jobs annotate: detect faces in a folder, bucket or manifest of images into Parquet.
 
-The job is jobs/annotate_job.py (list -> [decode] -> FaceAnnotator actors -> commit); this module
+The job is jobs/pipelines/annotate.py (list -> [decode] -> FaceAnnotator actors -> commit); this module
 is its command line, built from AnnotateConfig (and the DetectorConfig inside it).
 """
 
@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 
-from .annotate_job import AnnotateConfig, annotate
-from .redaction import redact_text
-from .settings import add_config_arguments, config_from_args
+from jobs.pipelines.annotate import AnnotateConfig, annotate
+from jobs.common.redaction import redact_text
+from jobs.common.settings import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

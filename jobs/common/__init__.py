@@ -1,0 +1,1 @@
+"""What every floor shares: settings from dataclasses, redaction, storage paths, the annotate schema."""

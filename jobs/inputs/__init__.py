@@ -1,0 +1,1 @@
+"""The input side: listing sources, reading and decoding images, reading annotation files and weights."""
