@@ -309,3 +309,14 @@ def test_run_state_claims_each_path_once_retries_included_and_skips_done():
     done._done = np.sort(path_digests(["x", "y"]))
     assert done.claim(path_digests(["y", "z", "x"]), "0:0").tolist() == [False, True, False]
     assert done.snapshot()["skipped"] == 2
+
+
+def test_a_retried_listing_chunk_is_counted_once_and_repeats_are_not_called_done():
+    state = RunState(dedupe=True)
+    state._done = np.sort(path_digests(["done"]))
+    chunk = path_digests(["a", "b", "a", "done"])
+    state.claim(chunk, "0:0")
+    state.claim(chunk, "0:0")  # the listing task was retried: its chunk comes again
+    counts = state.snapshot()
+    assert (counts["listed"], counts["skipped"], counts["repeated"]) == (4, 1, 1)
+    assert state.ahead() == 2  # 'a' and 'b' are this run's to annotate

@@ -50,7 +50,7 @@ class RunState:
         self.started = time.time()
         import ray
 
-        if output is not None and ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
+        if output is not None and ray.is_initialized() and _restarted():
             # Restarted after its process died: every row this run committed is in OUTPUT now.
             self._done = scan_parts(output, storage_options, committed_parts(output, storage_options),
                                     rewrite=False).done
@@ -150,3 +150,14 @@ class RunState:
         """A batch completed: nothing of it is in flight."""
         with self._lock:
             self._in_flight.pop(token, None)
+
+
+def _restarted() -> bool:
+    """Whether this actor is a restart (its process died); Ray's answer, without its deprecation noise."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
