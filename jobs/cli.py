@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     install_log_redaction()
     # The subcommand comes first; without a known one (help, a typo) nothing needs importing.
     command = argv[0] if argv and argv[0] in COMMANDS else ""
-    try:
-        args = build_parser(only=command).parse_args(argv)
-    except SystemExit as stop:  # --help, or a malformed option (argparse has said why): its status
-        return int(stop.code or 0) if not isinstance(stop.code, str) else 2
+    args = build_parser(only=command).parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (`ray job stop`, a scheduler's timeout, kill) ends a command as Ctrl-C does, so
         # its finally blocks run: an annotate job lets go of its OUTPUT's lease.

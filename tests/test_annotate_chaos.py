@@ -52,7 +52,7 @@ def assert_one_row_each(output: str, paths: list[str], faces: int | None = 1) ->
 
 
 def test_sigterm_commits_the_rows_already_made_and_exits_130(ray_session, tmp_path):
-    paths = photo_folder(tmp_path / "images", 40)
+    paths = photo_folder(tmp_path / "images", 20)
     output = str(tmp_path / "out")
     received = tmp_path / "received"
     # Neither size (1,000 rows) nor time (an hour) would commit anything before the end.
@@ -70,14 +70,14 @@ def test_sigterm_commits_the_rows_already_made_and_exits_130(ray_session, tmp_pa
     rows = output_rows(output)
     assert len(rows) == made >= 3 and len({path for path, *_ in rows}) == made
     summary = annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
-    assert summary.skipped == made and summary.images == 40 - made
+    assert summary.skipped == made and summary.images == 20 - made
     assert_one_row_each(output, paths)
 
 
 def test_rows_are_committed_every_commit_seconds_so_a_kill_loses_little(ray_session, tmp_path):
-    paths = photo_folder(tmp_path / "images", 40)
+    paths = photo_folder(tmp_path / "images", 24)
     output = str(tmp_path / "out")
-    # Every image's first read fails (a transient error, retried after 0.5 s): the job takes 20 s or more.
+    # Every image's first read fails (a transient error, retried after 0.5 s): the job takes 12 s or more.
     job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
                "--rows-per-file", "1000", "--commit-seconds", "2"], env={"MTCNN_JOBS_FAILPOINTS": "fail_reads=1:img"})
     # Parts far smaller than --rows-per-file appear while the job runs.
@@ -86,7 +86,7 @@ def test_rows_are_committed_every_commit_seconds_so_a_kill_loses_little(ray_sess
     job.send_signal(signal.SIGKILL)
     job.wait()
     before = len(output_rows(output))
-    assert 0 < before < 40
+    assert 0 < before < 24
     annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
     assert_one_row_each(output, paths)
 
@@ -121,7 +121,7 @@ def test_a_store_that_stays_down_ends_the_job_with_one_line_and_exit_1(ray_sessi
     bucket = f"down-{uuid.uuid4().hex[:8]}"
     fs, _ = filesystem(f"s3://{bucket}")
     fs.mkdir(bucket)
-    paths = photo_folder(tmp_path / "images", 40)
+    paths = photo_folder(tmp_path / "images", 16)
     output = f"s3://{bucket}/out"
     job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
                "--rows-per-file", "2", "--store-patience", "5"])
@@ -184,7 +184,9 @@ def test_a_full_disk_ends_the_job_with_one_line_and_no_temporary_left(tmp_path):
     assert_one_row_each(str(tmp_path / "out"), paths)
 
 
-def test_a_damaged_part_is_named_by_annotate_export_and_evaluate(ray_session, tmp_path):
+def test_a_damaged_part_is_named_by_annotate_export_and_evaluate(ray_session, tmp_path, capfd):
+    from jobs.cli import main
+
     photo_folder(tmp_path / "images", 6)
     output = tmp_path / "out"
     annotate(AnnotateConfig(str(tmp_path / "images"), str(output), rows_per_file=2, show_progress=False))
@@ -192,11 +194,11 @@ def test_a_damaged_part_is_named_by_annotate_export_and_evaluate(ray_session, tm
     data = Path(damaged).read_bytes()
     Path(damaged).write_bytes(data[: len(data) // 2])  # a copy cut short
     name = Path(damaged).name
+    capfd.readouterr()
     for args in (["annotate", str(tmp_path / "images"), str(output)],
                  ["export", str(output), "--format", "csv", str(tmp_path / "faces.csv")]):
-        job = cli(args)
-        _, err = job.communicate(timeout=300)
-        assert job.returncode == 1, err
+        assert main(args) == 1
+        err = capfd.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs")]
         assert len(lines) == 1 and name in lines[0] and ".damaged" in lines[0] and "Traceback" not in err, err
     # Set aside as the message says, the part's images are annotated again.

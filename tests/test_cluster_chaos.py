@@ -126,12 +126,19 @@ def ray_cluster(make_cluster) -> LocalCluster:
 
 # -- processes --------------------------------------------------------------------------------
 
+def _job_environment() -> dict:
+    """This process's environment less Ray's own settings, but with its authentication ones: a Ray
+    started earlier in this process (the session's) turned token authentication on here, and the
+    cluster started from here then asks its clients for the token too."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_AUTH")}
+
+
 class Job:
     """An `mtcnn-jobs` command in its own process, its output in a log file (a pipe nobody reads
     would fill and stop it), its driver joined to the cluster by --address."""
 
     def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        environment = _job_environment()
         environment.update(env or {})
         self.log = log
         self.started = time.monotonic()
@@ -273,7 +280,7 @@ sys.stdin.read()
 @contextlib.contextmanager
 def cpu_held(ray_cluster: LocalCluster, node):
     """The node's CPU taken for the block, so that actors started meanwhile go to other nodes."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    environment = _job_environment()
     holder = subprocess.Popen([sys.executable, "-c", HOLD_CPU, ray_cluster.address, node.node_id], cwd=REPO,
                               env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)

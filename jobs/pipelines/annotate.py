@@ -32,6 +32,7 @@ from jobs.pipelines.run_state import MAX_STRIKES, RunState
 from jobs.common.schema import ANNOTATION_SCHEMA, METADATA_KEY, ErrorKind, annotation_table, run_metadata, settings_of
 from jobs.inputs.sources import CHUNK_PATHS, ListingShard, Unlisted, plan_shards
 from jobs.common.redaction import public_path, redact, redact_text
+from jobs.common.storage import parse_storage_options
 from jobs.inputs.stored_weights import load_weights_from
 
 PERMANENT, TRANSIENT, CRASHED = (kind.value for kind in ErrorKind)
@@ -78,8 +79,10 @@ class AnnotateConfig:
         "detector actors: N, or MIN,MAX for a pool that scales with the cluster (default: one per GPU "
         "share or per --cpus-per-actor CPUs; on a cluster up to twice that)")})
     batch_size: int = field(default=16, metadata={"help": "images per detector call"})
+    #: fsspec/s3fs options, or their JSON text (as the flag gives them; checked here, so that a
+    #: malformed one is an input error with one line and exit status 2).
     storage_options: dict = field(default_factory=dict, metadata={
-        "help": "JSON object of fsspec/s3fs options, e.g. credentials or endpoint_url"})
+        "parse": str, "help": "JSON object of fsspec/s3fs options, e.g. credentials or endpoint_url"})
     overwrite: bool = field(default=False, metadata={
         "flag": "--restart", "aliases": ("--overwrite",),
         "help": "remove earlier results in OUTPUT and start over, instead of resuming"})
@@ -113,6 +116,8 @@ class AnnotateConfig:
     show_progress: bool = field(default=True, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        if isinstance(self.storage_options, str):
+            self.storage_options = parse_storage_options(self.storage_options)
         if self.num_gpus < 0:
             raise ValueError(f"--num-gpus must be 0 or more, got {self.num_gpus}")
         low, high = _bounds(self.concurrency)
