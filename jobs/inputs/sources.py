@@ -206,36 +206,22 @@ def _store_keys(fs, root: str) -> Iterator[str]:
     """
     from s3fs import S3FileSystem
 
+    from jobs.output.store import retry_store
+
     if not isinstance(fs, S3FileSystem) or fs.split_path(root)[0].endswith("--x-s3"):
         yield from fs.find(root, withdirs=False, detail=False)
         return
-    from botocore.exceptions import ClientError
-    from fsspec.asyn import sync
-    from s3fs.errors import translate_boto_error
-
     bucket, key, _ = fs.split_path(root)
-    # No delimiter: one flat listing of every key under the prefix, whatever its slashes.
-    pages = fs._iterdir(bucket, delimiter="", prefix=key + "/" if key else "")
-    try:
-        while True:
-            names = sync(fs.loop, _next_names, pages, 1000)
-            if not names:
-                return
-            yield from names
-    except ClientError as error:
-        raise translate_boto_error(error) from None
-    finally:
-        sync(fs.loop, pages.aclose)
-
-
-async def _next_names(pages, count: int) -> list[str]:
-    """The next count object names from s3fs's listing iterator (fewer at its end)."""
-    names: list[str] = []
-    async for info in pages:
-        names.append(info["name"])
-        if len(names) >= count:
-            break
-    return names
+    # No delimiter: one flat listing of every key under the prefix, whatever its slashes. Each
+    # page is one request, retried on its own while the store does not answer.
+    request = {"Bucket": bucket, "Prefix": key + "/" if key else "", "MaxKeys": 1000}
+    while True:
+        page = retry_store(lambda: fs.call_s3("list_objects_v2", **request), f"listing {root}")
+        for item in page.get("Contents", []):
+            yield f"{bucket}/{item['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _scan_local(root: str) -> Iterator[Entry]:
