@@ -51,43 +51,28 @@ def assert_one_row_each(output: str, paths: list[str], faces: int | None = 1) ->
     return rows
 
 
-def test_sigterm_commits_the_rows_already_made_and_exits_130(ray_session, tmp_path):
-    paths = photo_folder(tmp_path / "images", 20)
+def test_rows_are_committed_every_commit_seconds_and_on_sigterm_and_exit_130(ray_session, tmp_path):
+    paths = photo_folder(tmp_path / "images", 24)
     output = str(tmp_path / "out")
     received = tmp_path / "received"
-    # Neither size (1,000 rows) nor time (an hour) would commit anything before the end.
+    # Every image's first read fails (a transient error, retried after 0.5 s): the job takes 12 s or
+    # more, and 1,000 rows a part would commit nothing before its end.
     job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
-               "--rows-per-file", "1000", "--commit-seconds", "3600"],
-              env={"MTCNN_JOBS_FAILPOINTS": f"rows_received={received}"})
-    wait_for(lambda: received.exists() and int(received.read_text() or 0) >= 3 or job.poll() is not None,
-             300, "three rows at the driver")
+               "--rows-per-file", "1000", "--commit-seconds", "2"],
+              env={"MTCNN_JOBS_FAILPOINTS": f"fail_reads=1:img;rows_received={received}"})
+    # Parts far smaller than --rows-per-file appear while the job runs: a kill loses 2 s of rows.
+    wait_for(lambda: committed_parts(output) or job.poll() is not None, 300, "a part committed by time")
     assert job.poll() is None, job.communicate()
-    assert not committed_parts(output)
+    assert 0 < len(output_rows(output)) < 24
     job.send_signal(signal.SIGTERM)  # `ray job stop`, a scheduler's time-out, a drained node
     _, err = job.communicate(timeout=120)
     assert job.returncode == 130, err
+    # Every row the driver held when it was stopped was committed before it exited.
     made = int(received.read_text())
     rows = output_rows(output)
-    assert len(rows) == made >= 3 and len({path for path, *_ in rows}) == made
+    assert len(rows) == made < 24 and len({path for path, *_ in rows}) == made
     summary = annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
-    assert summary.skipped == made and summary.images == 20 - made
-    assert_one_row_each(output, paths)
-
-
-def test_rows_are_committed_every_commit_seconds_so_a_kill_loses_little(ray_session, tmp_path):
-    paths = photo_folder(tmp_path / "images", 24)
-    output = str(tmp_path / "out")
-    # Every image's first read fails (a transient error, retried after 0.5 s): the job takes 12 s or more.
-    job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
-               "--rows-per-file", "1000", "--commit-seconds", "2"], env={"MTCNN_JOBS_FAILPOINTS": "fail_reads=1:img"})
-    # Parts far smaller than --rows-per-file appear while the job runs.
-    wait_for(lambda: committed_parts(output) or job.poll() is not None, 300, "a part committed by time")
-    assert job.poll() is None, job.communicate()
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    before = len(output_rows(output))
-    assert 0 < before < 24
-    annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
+    assert summary.skipped == made and summary.images == 24 - made
     assert_one_row_each(output, paths)
 
 
@@ -117,20 +102,27 @@ def output_rows_s3(fs, output: str) -> list[str]:
             for path in pq.read_table(fs.open(part, "rb"), columns=["path"]).column("path").to_pylist()]
 
 
-def test_a_store_that_stays_down_ends_the_job_with_one_line_and_exit_1(ray_session, s3_server, s3_down, tmp_path):
+def test_a_store_that_stays_down_ends_the_job_with_one_line_and_exit_1(ray_session, s3_server, s3_down, tmp_path,
+                                                                       capfd):
+    from jobs.cli import main
+
     bucket = f"down-{uuid.uuid4().hex[:8]}"
     fs, _ = filesystem(f"s3://{bucket}")
     fs.mkdir(bucket)
     paths = photo_folder(tmp_path / "images", 16)
     output = f"s3://{bucket}/out"
-    job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
-               "--rows-per-file", "2", "--store-patience", "5"])
-    wait_for(lambda: (fs.invalidate_cache() or True) and fs.glob(f"{bucket}/out/part-*") or job.poll() is not None,
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(status=main(
+        ["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--concurrency", "1",
+         "--rows-per-file", "2", "--store-patience", "5"])))
+    job.start()
+    wait_for(lambda: (fs.invalidate_cache() or True) and fs.glob(f"{bucket}/out/part-*") or not job.is_alive(),
              300, "a first part")
-    assert job.poll() is None, job.communicate()
+    assert job.is_alive()
     with s3_down():  # and back only once the job has ended
-        _, err = job.communicate(timeout=120)
-    assert job.returncode == 1, err
+        job.join(timeout=120)
+    assert not job.is_alive() and result["status"] == 1
+    err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs annotate:")]
     assert len(lines) == 1 and "did not answer" in lines[0] and "Traceback" not in err, err
     annotate(AnnotateConfig(str(tmp_path / "images"), output, show_progress=False))
@@ -158,7 +150,9 @@ def test_the_run_state_actor_killed_mid_job_is_rebuilt_and_nothing_is_lost_or_tw
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_a_full_disk_ends_the_job_with_one_line_and_no_temporary_left(tmp_path):
+def test_a_full_disk_ends_the_job_with_one_line_and_no_temporary_left(ray_session, tmp_path, capfd):
+    from jobs.cli import main
+
     paths = photo_folder(tmp_path / "images", 30)
     disk = tmp_path / "small-disk"
     disk.mkdir()
@@ -168,9 +162,9 @@ def test_a_full_disk_ends_the_job_with_one_line_and_no_temporary_left(tmp_path):
     try:
         output = str(disk / "out")
         # Each part is about 4 KB: the disk fills after a dozen or so.
-        job = cli(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--rows-per-file", "1"])
-        _, err = job.communicate(timeout=400)
-        assert job.returncode == 1, err
+        capfd.readouterr()
+        assert main(["annotate", str(tmp_path / "images"), output, "--batch-size", "1", "--rows-per-file", "1"]) == 1
+        err = capfd.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("mtcnn-jobs annotate:")]
         assert len(lines) == 1 and "no space left" in lines[0] and "Traceback" not in err, err
         assert not [name for name in os.listdir(output) if name.endswith(".tmp")]

@@ -38,6 +38,8 @@ from jobs.output.parts import OutputError
 
 LEASE_NAME = "_lease.json"
 LOCK_NAME = "_lease.lock"
+#: Owners whose jobs in this process have ended (released, or failed to release).
+_GIVEN_UP: set[str] = set()
 #: Seconds to wait for the local lease lock (held for microseconds by a running process).
 LOCK_WAIT_SECONDS = 30.0
 #: Seconds by which the clocks of two hosts sharing an OUTPUT may differ and leases still work.
@@ -174,6 +176,9 @@ class Lease:
 
     def release(self) -> None:
         """Stop the heartbeat and give the lease up, if it is still this job's."""
+        # Known here even when the store cannot be told (it is down): a later job in this process
+        # may take the lease at once instead of waiting for the record to expire.
+        _GIVEN_UP.add(self.owner)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -195,7 +200,7 @@ class Lease:
 
     def _judge(self, holder: dict | None) -> str:
         """'free', 'live' or 'future' (dated ahead by more than the skew) for a lease record."""
-        if holder is None or holder.get("released") or holder.get("owner") == self.owner:
+        if holder is None or holder.get("released") or holder.get("owner") in (self.owner, *_GIVEN_UP):
             return "free"
         if _holder_is_gone(holder):
             return "free"
