@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.output.parts import DamagedPart, committed_parts, damaged_message, read_part
+from jobs.output.parts import committed_parts, naming_damage, read_part
 from jobs.common.schema import read_metadata
 from jobs.common.storage import filesystem
 
@@ -83,15 +82,6 @@ def run_metadata_of(location: str, storage_options: dict | None = None) -> dict 
     fs, files = annotation_files(location, storage_options)
     with fs.open(files[0], "rb") as handle, naming_damage(files[0]):
         return read_metadata(pq.read_schema(handle))
-
-
-@contextlib.contextmanager
-def naming_damage(path: str):
-    """Arrow's errors about a file's bytes ("magic bytes not found") as DamagedPart naming the file."""
-    try:
-        yield
-    except pa.ArrowException as error:
-        raise DamagedPart(damaged_message(path, error)) from None
 
 
 @dataclass

@@ -17,6 +17,7 @@ The lease that keeps a second job out is jobs/output/lease.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -93,12 +94,19 @@ def commit_file(output: str, name: str, data: bytes, storage_options: dict | Non
 
 def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     """One committed part (or some of its columns); DamagedPart naming it if it cannot be read."""
+    with fs.open(path, "rb") as handle, naming_damage(path):
+        return pq.read_table(handle, columns=columns)
+
+
+@contextlib.contextmanager
+def naming_damage(path: str):
+    """Arrow's errors about a file's bytes ("magic bytes not found") as DamagedPart naming the file.
+
+    Arrow's own errors are about the bytes (no footer, a cut page); the store's errors come through
+    as the filesystem raised them and stay the caller's to retry."""
     try:
-        with fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
+        yield
     except pa.ArrowException as error:
-        # Arrow's own errors are about the bytes (no footer, a cut page); the store's errors come
-        # through as the filesystem raised them and stay the caller's to retry.
         raise DamagedPart(damaged_message(path, error)) from None
 
 

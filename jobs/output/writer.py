@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from jobs.common.redaction import public_path
 from jobs.common.storage import filesystem, is_remote, join
 from jobs.output.lease import Lease, new_owner
-from jobs.output.parts import (DamagedPart, OutputError, commit_file, committed_parts, damaged_message, parquet_bytes,
+from jobs.output.parts import (OutputError, commit_file, committed_parts, naming_damage, parquet_bytes,
                     part_name, remove_stale_temporaries)
 from jobs.output.resume import ResumeIndex, scan_parts
 from jobs.output.store import OutputFull, StorePatience, StoreUnavailable, retry_store
@@ -116,11 +116,8 @@ class PartsOutput:
         return self.parts
 
     def _settings_in(self, fs, path: str) -> dict:
-        try:
-            with fs.open(path, "rb") as handle:
-                raw = (pq.read_schema(handle).metadata or {}).get(self.metadata_key)
-        except pa.ArrowException as error:
-            raise DamagedPart(damaged_message(path, error)) from None
+        with fs.open(path, "rb") as handle, naming_damage(path):
+            raw = (pq.read_schema(handle).metadata or {}).get(self.metadata_key)
         return self.settings_of(json.loads(raw)) if raw else {}
 
     # -- the run -----------------------------------------------------------------------------
