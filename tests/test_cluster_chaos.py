@@ -25,7 +25,8 @@ import pytest
 from jobs.output import LEASE_NAME, committed_parts
 
 from test_annotate_faults import REPO, output_rows, photo_folder, wait_for
-from test_train import WIDER, write_tiny_shards
+from shared_data import needs_shared_data
+from test_train import write_tiny_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -87,10 +88,11 @@ class LocalCluster:
         return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
-@pytest.fixture
-def make_cluster(monkeypatch):
-    """make_cluster(workers): a head and that many worker nodes of one CPU each, shut down after
-    the test. Each test gets its own, as the tests remove nodes.
+@pytest.fixture(scope="module")
+def cluster():
+    """One cluster for the file: a head and worker nodes of one CPU each, shut down at the end.
+    Each test takes it with the worker nodes it needs (ray_cluster, head_alone), as tests remove
+    nodes; a whole cluster started anew for each test would cost several seconds more each.
 
     cluster_utils records its address in /tmp/ray/ray_current_cluster, where any `ray.init()`
     without an address on this machine (tests of other sessions running beside these) would find
@@ -100,28 +102,40 @@ def make_cluster(monkeypatch):
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
-    made = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+        patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
+        made = Cluster(initialize_head=True, shutdown_at_exit=True,
+                       head_node_args={"num_cpus": 1, "_system_config": FAST_NODE_DEATH})
+        try:
+            yield LocalCluster(made)
+        finally:
+            made.shutdown()
 
-    def make(workers: int = 2) -> LocalCluster:
-        cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                          head_node_args={"num_cpus": 1, "_system_config": FAST_NODE_DEATH})
-        made.append(cluster)
-        for _ in range(workers):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        return LocalCluster(cluster)
 
-    yield make
-    for cluster in made:
-        cluster.shutdown()
+def with_workers(cluster: LocalCluster, count: int) -> LocalCluster:
+    """The cluster with exactly count worker nodes alive, and every CPU free (the actors of the
+    earlier tests' jobs gone with their drivers)."""
+    while len(cluster.workers) > count:
+        cluster.remove(cluster.workers[-1])
+    while len(cluster.workers) < count:
+        cluster.add()
+    wanted = float(count + 1)
+    wait_for(lambda: cluster.cluster.global_state.available_resources().get("CPU", 0.0) == wanted,
+             60, f"{wanted:g} CPUs free")
+    return cluster
 
 
 @pytest.fixture
-def ray_cluster(make_cluster) -> LocalCluster:
+def ray_cluster(cluster) -> LocalCluster:
     """A head and two worker nodes of one CPU each: three CPUs in all."""
-    return make_cluster(2)
+    return with_workers(cluster, 2)
+
+
+@pytest.fixture
+def head_alone(cluster) -> LocalCluster:
+    """The head alone: one CPU."""
+    return with_workers(cluster, 0)
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -342,9 +356,9 @@ def test_annotate_survives_a_node_lost_after_the_job_sized_its_pool_before_actor
     assert_one_row_each(output, paths)
 
 
-def test_annotate_pool_grows_onto_a_node_added_mid_job(make_cluster, jobs, tmp_path):
+def test_annotate_pool_grows_onto_a_node_added_mid_job(head_alone, jobs, tmp_path):
     """A node joins mid-job: the pool (1 to 3 actors) grows onto it and an actor there detects."""
-    ray_cluster = make_cluster(0)  # the head alone: 1 CPU, so the pool of 1 to 3 actors has 1
+    ray_cluster = head_alone  # 1 CPU, so the pool of 1 to 3 actors has 1
     paths = photo_folder(tmp_path / "images", 32)
     output = tmp_path / "out"
     job = jobs(annotate_args(tmp_path / "images", output, ray_cluster.address, "--concurrency", "1,3"),
@@ -433,7 +447,7 @@ def crop_rows(output: Path) -> list[tuple]:
 
 # -- train ------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not WIDER.is_dir(), reason="../shared/data (WIDER, 5-point faces) not present")
+@needs_shared_data("wider_face_train_small", "cnn_facepoint_5pt/trainImageList.txt")
 def test_train_resumes_from_its_checkpoint_when_a_worker_node_is_lost_mid_epoch(ray_cluster, jobs, tmp_path):
     """A training worker's node is lost in the middle of epoch 2: Ray Train restarts the worker group
     from epoch 1's checkpoint and the run ends with the 3 epochs asked for."""
@@ -454,11 +468,9 @@ def test_train_resumes_from_its_checkpoint_when_a_worker_node_is_lost_mid_epoch(
         assert len([p for p in (run / "checkpoints" / "pnet").glob("checkpoint_*") if p.is_dir()]) == 1
         on_workers = [node for node, _ in trainers.values() if node is not ray_cluster.head]
         assert len(trainers) == 2 and on_workers, trainers
-        ray_cluster.remove(on_workers[0])  # with a training worker on it
-        # A node takes its place, as a cluster's autoscaler would bring one: without it, the new
-        # worker group takes the two CPUs left and the samples' reading never gets one (Ray Data:
-        # "Cluster resources are not enough to run any task ... may hang forever").
-        ray_cluster.add()
+        # With a training worker on it, and no node to replace it: the new worker group takes the
+        # two CPUs left, and the samples are read and decoded with none of their own.
+        ray_cluster.remove(on_workers[0])
     log = job.finish()
     assert job.process.returncode == 0, log
     assert "[pnet] resuming after epoch 0 from its checkpoint" in log, log

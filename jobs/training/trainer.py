@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from mtcnn.nets import STAGE_NAMES, build_stage, normalize_pixels, stage_spec
 from mtcnn.weights import save_weights
 
+from jobs.runtime.data_context import ray_data_context
 from jobs.runtime.ray_env import init_ray
 from jobs.common.redaction import redact, redact_text
 from jobs.common.storage import filesystem, is_remote, join
@@ -197,15 +198,22 @@ def _check_shards(config: TrainConfig) -> None:
 
 
 def load_samples(config: TrainConfig) -> tuple[ray.data.Dataset, int]:
-    """The stage's samples as a Ray Dataset of training arrays, and how many there are."""
+    """The stage's samples as a Ray Dataset of training arrays, and how many there are.
+
+    Reading and decoding ask for no CPU of their own (at most two tasks of each at a time): the
+    training workers may hold every CPU there is, as after a lost node when the restarted worker
+    group takes what is left, and a read that waits for a free CPU would stall training forever.
+    """
     fs, path = filesystem(config.data, config.storage_options)
-    shards = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs)),
-                                  file_extensions=["parquet"]).select_columns(list(SAMPLE_COLUMNS))
-    count = shards.count()  # from the Parquet footers, before any decoding
-    # Shards are written kind by kind; a random block order plus each worker's local shuffle
-    # buffer mixes kinds within every batch without a full all-to-all shuffle per epoch.
-    dataset = shards.randomize_block_order().map_batches(decode_samples, batch_format="pyarrow",
-                                                        batch_size=4096)
+    with ray_data_context(list_files_on_driver=True):
+        shards = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs)),
+                                      file_extensions=["parquet"], num_cpus=0, concurrency=2,
+                                      ).select_columns(list(SAMPLE_COLUMNS))
+        count = shards.count()  # from the Parquet footers, before any decoding
+        # Shards are written kind by kind; a random block order plus each worker's local shuffle
+        # buffer mixes kinds within every batch without a full all-to-all shuffle per epoch.
+        dataset = shards.randomize_block_order().map_batches(
+            decode_samples, batch_format="pyarrow", batch_size=4096, num_cpus=0, concurrency=2)
     return dataset, count
 
 
@@ -398,7 +406,8 @@ def _run_config(config: TrainConfig) -> RunConfig:
 
 
 def _default_cpus_per_worker(num_workers: int) -> float:
-    """CPUs per worker that leave Ray Data a CPU: with none left, reading shards would stall."""
+    """CPUs per worker that leave Ray Data a CPU to read and decode samples beside the workers
+    (it needs none to make progress, but training waits on samples when it has none)."""
     total = float(ray.cluster_resources().get("CPU", 1.0))
     return min(1.0, max(total - 1.0, total / 2.0) / num_workers)
 
