@@ -13,10 +13,11 @@ import s3fs
 
 from jobs.cli import main
 from jobs.inputs.stored_weights import load_weights_from
+from shared_data import data_root, needs_shared_data
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
+DATA = data_root()
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_shared_data("wider_face_train_small", "cnn_facepoint_5pt/trainImageList.txt")]
 
 
 def tiny_recipe(folder: Path, endpoint: str, onet_epochs: int = 1) -> Path:
@@ -64,7 +65,7 @@ def test_recipe_writes_to_s3_reuses_refuses_changed_settings_and_restarts(ray_se
     before = fs.info(f"{bucket}/runs/tiny/onet/weights.safetensors")["ETag"]
     assert main(["train", "--config", str(changed), "--output", output]) == 2
     err = capsys.readouterr().err
-    assert "onet" in err and "epochs: 1 -> 2" in err and "--restart" in err, err
+    assert "onet" in err and "epochs 1 -> 2" in err and "--restart" in err, err
     assert fs.info(f"{bucket}/runs/tiny/onet/weights.safetensors")["ETag"] == before
 
     # Asked to restart: P- and R-Net are reused, only O-Net trains again, with the new setting.

@@ -5,6 +5,10 @@ default and, in `field(metadata=...)`, the help text; its `__post_init__` holds 
 module turns such a class into argparse flags and parsed flags back into the class, with a YAML
 file (`--config`) in between: dataclass defaults < YAML values < flags given on the command line.
 
+A settings record (the JSON-ready mapping a job stores of what made its results) is compared
+here too: `settings_difference` names what differs between two, the one wording of every refusal
+to resume or reuse results made with other settings (annotate, crops, prepare, train).
+
 Field metadata read here:
 - "help": the flag's help text (the default is appended).
 - "flag": the flag's name when it is not `--field-name` (e.g. "--workers"); "aliases": more names.
@@ -15,6 +19,7 @@ Field metadata read here:
   (`--augment/--no-augment`).
 - "choices": the values a string field takes.
 - "positional": True makes the field a positional argument (its "metavar" names it in help).
+- "metavar": how help names a flag's value (default the field name in capitals).
 - "parse": the function that turns the flag's text into the value, where the field's type alone
   does not say (e.g. a field that also takes objects only Python callers pass).
 """
@@ -76,14 +81,14 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                                 help=f.metadata.get("help", ""))
             continue
         names = [_flag(f, _prefix), *f.metadata.get("aliases", ()), *(_aliases or {}).get(f.name, ())]
-        options: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
-                                   "metavar": f.name.upper()}
+        metavar = f.metadata.get("metavar", f.name.upper())
+        options: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "metavar": metavar}
         if dest in required:
             options["required"] = True
         if _strip_none(kind) is bool:
             options.update(action=argparse.BooleanOptionalAction, metavar=None)
         elif _sequence_of_str(kind):
-            options.update(nargs="+", action="extend", metavar=f.name.upper())
+            options.update(nargs="+", action="extend")
         else:
             options["type"] = f.metadata.get("parse") or _parser_for(kind, names[0])
             if options["type"] is str and f.metadata.get("choices"):
@@ -300,3 +305,40 @@ def config_from_args(cls: type, args: argparse.Namespace, config_file: str | Pat
             flag = "--" + path.split(_SEP)[-1].replace("_", "-")
             raise ValueError(f"give {flag}" + (f" (or {path} in {config_file})" if config_file else ""))
     return build(cls, values, str(config_file or "settings"))
+
+
+# -- settings records -------------------------------------------------------------------------
+
+#: A changed value longer than this is cut short in messages.
+_SHOWN_CHARS = 80
+_ABSENT = object()
+
+
+def setting_changes(before: dict, now: dict, _prefix: str = "") -> list[str]:
+    """Each setting that differs between two settings records, as 'key earlier -> now'.
+
+    Nested mappings are compared key by key and named by dotted keys ('detector.min_face_size');
+    values are shown as JSON (cut short past 80 characters), a key one record lacks as (none).
+    """
+    changes = []
+    for key in sorted(set(before) | set(now), key=str):
+        old, new = before.get(key, _ABSENT), now.get(key, _ABSENT)
+        name = f"{_prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += setting_changes(old, new, name + _SEP)
+        elif old != new:
+            changes.append(f"{name} {_value_text(old)} -> {_value_text(new)}")
+    return changes
+
+
+def settings_difference(before: dict, now: dict) -> str:
+    """Which settings differ, e.g. 'detector.min_face_size 20.0 -> 40.0, batch_size 16 -> 8'
+    (see `setting_changes`); 'unknown' when none does."""
+    return ", ".join(setting_changes(before, now)) or "unknown"
+
+
+def _value_text(value: Any) -> str:
+    if value is _ABSENT:
+        return "(none)"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."

@@ -27,6 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common.redaction import public_path
+# The one wording of what differs between settings records (annotate, crops and train alike);
+# jobs.output re-exports it from here.
+from jobs.common.settings import settings_difference
 from jobs.common.storage import filesystem, is_remote, join
 from jobs.output.lease import Lease, new_owner
 from jobs.output.parts import (OutputError, commit_file, committed_parts, naming_damage, parquet_bytes,
@@ -46,19 +49,6 @@ class OutputMode(enum.Enum):
     RESUME = "resume"
     #: Remove them and start over (--restart, or its older name --overwrite).
     RESTART = "restart"
-
-
-def settings_difference(before: dict, now: dict) -> str:
-    """Which settings differ, e.g. 'detector.min_face_size 20.0 -> 40.0' (nested keys dotted)."""
-    changes = []
-    for key in sorted(set(before) | set(now)):
-        old, new = before.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += [f"{key}.{part}" for part in settings_difference(old, new).split(", ")
-                        if part != "unknown"]
-        elif old != new:
-            changes.append(f"{key} {old} -> {new}")
-    return ", ".join(changes) or "unknown"
 
 
 @dataclass

@@ -26,7 +26,8 @@ from jobs.common.redaction import public_path, redact, redact_text
 from jobs.inputs.decode import DecodeError, read_rgb
 from jobs.common.schema import row_detections
 from jobs.inputs.annotation_files import read_annotations
-from jobs.common.storage import is_url
+from jobs.common.detector_args import DETECTOR_FLAGS
+from jobs.common.storage import is_url, parse_storage_options
 from jobs.inputs.stored_weights import load_weights_from
 
 
@@ -242,24 +243,43 @@ def evaluate_landmark_list(detect: Detect, list_file: str, limit: int | None = N
 
 @dataclass
 class EvaluateConfig:
-    """What to evaluate and with which detector."""
+    """What to evaluate and with which detector: the one declaration of each setting, its flag and
+    its help (jobs/common/settings.py builds `mtcnn-jobs evaluate`'s options from it)."""
 
-    wider: str | None = None
-    landmarks: str | None = None
-    weights: str = "reference"
-    detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
-    device: str = "cpu"
-    output: str | None = None
-    limit: int | None = None
-    batch_size: int = 4
-    #: Detect with the annotate Ray job instead of in this process.
-    use_ray: bool = False
-    address: str | None = None
-    num_gpus: float = 0.0
-    concurrency: int | None = None
+    wider: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR", "help": (
+        "WIDER-format folder: *_bbx_gt.txt, images/, easy.txt, medium.txt, hard.txt")})
+    landmarks: str | None = dataclasses.field(default=None, metadata={"metavar": "LIST_FILE", "help": (
+        "5-point list (path x1 x2 y1 y2 and 5 points a line) for landmark error")})
     #: Score these stored detections (annotate-schema Parquet or WIDER .txt files) instead of detecting.
-    predictions: str | None = None
-    storage_options: dict = dataclasses.field(default_factory=dict)
+    predictions: str | None = dataclasses.field(default=None, metadata={"metavar": "ANNOTATIONS", "help": (
+        "score these detections instead of detecting: an annotate OUTPUT (local or s3://), any Parquet "
+        "with its schema, or a folder of WIDER prediction .txt files; images are matched by folder and "
+        "file name")})
+    #: fsspec/s3fs options, or their JSON text (as the flag gives them).
+    storage_options: dict = dataclasses.field(default_factory=dict, metadata={
+        "parse": str, "help": "with --predictions: JSON object of fsspec/s3fs options"})
+    weights: str = dataclasses.field(default="reference", metadata={
+        "help": "'reference', a weights file, or a training run folder"})
+    detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig, metadata={
+        "nested": "", "fields": DETECTOR_FLAGS})
+    device: str = dataclasses.field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    output: str | None = dataclasses.field(default=None, metadata={
+        "metavar": "DIR", "help": "folder for metrics.json and pr_curves.png"})
+    limit: int | None = dataclasses.field(default=None, metadata={
+        "help": "evaluate the first N images of each set only"})
+    batch_size: int = dataclasses.field(default=4, metadata={"help": "images per detector call"})
+    #: Detect with the annotate Ray job instead of in this process.
+    use_ray: bool = dataclasses.field(default=False, metadata={"flag": "--ray", "help": (
+        "detect with the annotate Ray job (Ray Data actors) instead of in this process; its rows are "
+        "kept under OUTPUT/annotate")})
+    address: str | None = dataclasses.field(default=None, metadata={
+        "help": "with --ray: Ray cluster address (default: local Ray)"})
+    num_gpus: float = dataclasses.field(default=0.0, metadata={"help": "with --ray: GPUs per detector actor"})
+    concurrency: int | None = dataclasses.field(default=None, metadata={"help": "with --ray: detector actors"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.storage_options, str):
+            self.storage_options = parse_storage_options(self.storage_options)
 
 
 def evaluate(config: EvaluateConfig) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import os
 import re
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -16,15 +17,39 @@ import pyarrow.dataset as pads
 from mtcnn.align import template_points
 
 from jobs.output.parts import committed_parts
-from jobs.common.storage import filesystem
+from jobs.common.storage import filesystem, parse_storage_options
 
 # Landmark colours (BGR for OpenCV): left eye, right eye, nose, left and right mouth corner.
 POINT_COLOURS = [(64, 64, 255), (255, 160, 64), (0, 220, 255), (255, 0, 255), (255, 255, 0)]
 
 
-def make_gallery(output: str, out_dir: str, limit: int = 60, storage_options: dict | None = None,
-                 marks: bool = True) -> str:
+@dataclass
+class GalleryConfig:
+    """Which crops run to show and where the page goes: the one declaration of each setting, its
+    flag and its help (jobs/common/settings.py builds `mtcnn-jobs gallery`'s options from it)."""
+
+    output: str = field(metadata={"positional": True, "metavar": "CROPS",
+                                  "help": "a crops run's OUTPUT folder or prefix"})
+    out_dir: str = field(metadata={"flag": "--out", "metavar": "OUT",
+                                   "help": "folder for the chips and index.html"})
+    limit: int = field(default=60, metadata={"help": "chips to show"})
+    marks: bool = field(default=True, metadata={
+        "help": "draw the template points and the face's landmarks on the chips (--no-marks: bare chips)"})
+    #: fsspec/s3fs options, or their JSON text (as the flag gives them).
+    storage_options: dict = field(default_factory=dict, metadata={
+        "parse": str, "help": "JSON object of fsspec/s3fs options"})
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if isinstance(self.storage_options, str):
+            self.storage_options = parse_storage_options(self.storage_options)
+
+
+def make_gallery(config: GalleryConfig) -> str:
     """Write up to limit chips of a crops OUTPUT (and its error rows) to out_dir with an index.html; its path."""
+    output, out_dir, limit, marks = config.output, config.out_dir, config.limit, config.marks
+    storage_options = config.storage_options
     parts = committed_parts(output, storage_options)
     if not parts:
         raise FileNotFoundError(f"no crops parts (part-*.parquet) under {output}")

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from jobs.inputs.reading import ReadFailure, ReadPolicy, read_image
 from jobs.common.redaction import public_path, redact_text
+from jobs.common.storage import parse_storage_options
 from jobs.inputs.annotation_files import read_annotations
 
 # Landmark colours (RGB): left eye, right eye, nose, left and right mouth corner.
@@ -24,13 +25,24 @@ POINT_COLOURS = [(255, 64, 64), (64, 160, 255), (255, 220, 0), (255, 0, 255), (0
 
 @dataclass
 class PreviewConfig:
-    """Which annotations to draw and where the gallery goes."""
+    """Which annotations to draw and where the gallery goes: the one declaration of each setting,
+    its flag and its help (jobs/common/settings.py builds `mtcnn-jobs preview`'s options from it)."""
 
-    output: str
-    out_dir: str
-    limit: int = 24
-    min_score: float = 0.0
-    storage_options: dict = field(default_factory=dict)
+    output: str = field(metadata={"positional": True, "metavar": "OUTPUT",
+                                  "help": "an annotate run's OUTPUT folder or prefix"})
+    out_dir: str = field(metadata={"flag": "--out", "metavar": "OUT",
+                                   "help": "folder for the drawn images and index.html"})
+    limit: int = field(default=24, metadata={"help": "images to draw"})
+    min_score: float = field(default=0.0, metadata={"help": "draw only faces scoring at least this"})
+    #: fsspec/s3fs options, or their JSON text (as the flag gives them).
+    storage_options: dict = field(default_factory=dict, metadata={
+        "parse": str, "help": "JSON object of fsspec/s3fs options"})
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if isinstance(self.storage_options, str):
+            self.storage_options = parse_storage_options(self.storage_options)
 
 
 def draw_faces(image: np.ndarray, faces: list[dict], min_score: float = 0.0) -> np.ndarray:

@@ -13,6 +13,7 @@ import hashlib
 import json
 
 from jobs.common.redaction import redact
+from jobs.common.settings import setting_changes, settings_difference
 
 #: TrainConfig fields that change how a run is carried out, not what it learns.
 OPERATIONAL_TRAIN_FIELDS = frozenset({
@@ -71,30 +72,22 @@ def train_settings(config, data_settings: dict | None, previous_sha256: str | No
     return redact(_plain(fields))
 
 
+#: What names the differences when the earlier results kept no settings record.
+UNKNOWN_EARLIER = "settings of the earlier run unknown (made by an older version)"
+
+
 def differences(earlier: dict | None, now: dict) -> list[str]:
-    """Human-readable differences 'key: earlier -> now' between two settings records."""
+    """The differing settings, each 'key earlier -> now' (nested keys dotted), worded as annotate
+    and crops word theirs (jobs.common.settings.setting_changes)."""
     if earlier is None:
-        return ["settings of the earlier run unknown (made by an older version)"]
-    keys = sorted(set(earlier) | set(now))
-    missing = object()
-    changed = []
-    for key in keys:
-        before, after = earlier.get(key, missing), now.get(key, missing)
-        if before != after:
-            changed.append(f"{key}: {'(none)' if before is missing else _short(before)} -> "
-                           f"{'(none)' if after is missing else _short(after)}")
-    return changed
+        return [UNKNOWN_EARLIER]
+    return setting_changes(earlier, now)
 
 
 def refuse_unless_restart(earlier: dict | None, now: dict, restart: bool, what: str, remedy: str) -> str:
     """The differences as one line (for the log of a restart); raises SettingsChanged naming them
     as "{what} with other settings (...); pass --restart to {remedy}" unless restart."""
-    changed = "; ".join(differences(earlier, now))
+    changed = UNKNOWN_EARLIER if earlier is None else settings_difference(earlier, now)
     if not restart:
         raise SettingsChanged(f"{what} with other settings ({changed}); pass --restart to {remedy}")
     return changed
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
