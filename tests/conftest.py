@@ -1,4 +1,5 @@
-"""Session fixtures shared by the test files: one local Ray instance and one S3 endpoint over HTTP."""
+"""Session fixtures shared by the test files: one local Ray instance and one S3 endpoint over HTTP; and the
+check of needs_shared_data marks (tests/shared_data.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import socket
 import time
 
 import pytest
+
+import shared_data
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared_data(*names): the test needs these shared datasets "
+                                       "(tests/shared_data.py: skips, or fails with MTCNN_REQUIRE_SHARED_DATA=1)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test marked needs_shared_data(...) skips (or fails) before its fixtures start when the data is missing."""
+    shared_data.check_marks(item)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import pytest
 
 from mtcnn.annotations import (WEBFACES_BOX_RULE, AnnotationError, ImageAnnotation, box_from_points, from_table,
                                read_dlib_xml, read_facepoint_list, read_fddb, read_webfaces, read_wider, to_table)
+from shared_data import shared_data
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
 FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
 
 
@@ -39,7 +39,7 @@ def test_wider_fixture_boxes_ignore_and_empty_image():
 
 
 def test_wider_shared_validation_counts_match_its_readme():
-    images = read_wider(DATA / "wider_face_val_dev" / "wider_face_val_bbx_gt.txt")
+    images = read_wider(shared_data("wider_face_val_dev/wider_face_val_bbx_gt.txt"))
     assert len(images) == 397
     assert sum(len(a) for a in images) == 4925
     assert sum(int(a.ignore.sum()) for a in images) == 120
@@ -65,7 +65,7 @@ def test_wider_bad_lines_name_file_and_line(tmp_path, text, line, words):
 # -- 5-point list ----------------------------------------------------------------------------------
 
 def test_facepoint_list_reads_x1_x2_y1_y2_order():
-    images = read_facepoint_list(DATA / "cnn_facepoint_5pt" / "testImageList.txt")
+    images = read_facepoint_list(shared_data("cnn_facepoint_5pt/testImageList.txt"))
     assert len(images) == 2027
     first = images[0]
     assert first.path.endswith("net_7876/1016_0_0.jpg") and Path(first.path).is_file()
@@ -80,7 +80,7 @@ def test_facepoint_list_reads_x1_x2_y1_y2_order():
 
 
 def test_facepoint_original_list_backslashes_and_crlf():
-    path = DATA / "cnn_facepoint_5pt" / "original_lists" / "trainImageList.txt"
+    path = shared_data("cnn_facepoint_5pt/original_lists/trainImageList.txt")
     assert b"\r\n" in path.read_bytes()[:200] and b"\\" in path.read_bytes()[:200]
     images = read_facepoint_list(path, image_root="/faces")
     assert len(images) == 10000
@@ -107,7 +107,7 @@ def test_facepoint_bad_lines(tmp_path):
 # -- WebFaces --------------------------------------------------------------------------------------
 
 def test_webfaces_points_and_derived_boxes():
-    images = read_webfaces(DATA / "webfaces" / "WebFaces_GroundThruth.txt")
+    images = read_webfaces(shared_data("webfaces/WebFaces_GroundThruth.txt"))
     assert len(images) == 736 and sum(len(a) for a in images) == 1162
     assert max(len(a) for a in images) > 1  # several faces of one image grouped together
     assert all(Path(a.path).is_file() for a in images[:20])
@@ -120,7 +120,7 @@ def test_webfaces_points_and_derived_boxes():
 
 def test_webfaces_box_rule_against_faces_with_known_boxes():
     # The rule was fitted on the train list; the test list is held out.
-    images = read_facepoint_list(DATA / "cnn_facepoint_5pt" / "testImageList.txt")
+    images = read_facepoint_list(shared_data("cnn_facepoint_5pt/testImageList.txt"))
     true_boxes = np.concatenate([a.boxes for a in images])
     points = np.concatenate([a.landmarks for a in images])
     mouth_centre = (points[:, 3] + points[:, 4]) / 2
@@ -141,7 +141,7 @@ def test_webfaces_bad_line(tmp_path):
 # -- dlib XML --------------------------------------------------------------------------------------
 
 def test_dlib_xml_with_68_points():
-    images = read_dlib_xml(DATA / "dlib_xml" / "training_with_face_landmarks.xml")
+    images = read_dlib_xml(shared_data("dlib_xml/training_with_face_landmarks.xml"))
     assert len(images) == 4 and sum(len(a) for a in images) == 18
     first = images[0]
     assert Path(first.path).is_file() and (first.width, first.height) == (500, 375)
@@ -194,8 +194,8 @@ def test_fddb_count_mismatch(tmp_path):
 # -- table form ------------------------------------------------------------------------------------
 
 def test_table_round_trip_through_parquet_and_duckdb(tmp_path):
-    images = read_wider(DATA / "wider_face_val_dev" / "wider_face_val_bbx_gt.txt")[:30]
-    images += read_facepoint_list(DATA / "cnn_facepoint_5pt" / "testImageList.txt")[:5]
+    images = read_wider(shared_data("wider_face_val_dev/wider_face_val_bbx_gt.txt"))[:30]
+    images += read_facepoint_list(shared_data("cnn_facepoint_5pt/testImageList.txt"))[:5]
     images.append(ImageAnnotation("/empty.jpg", width=64, height=48))
     path = tmp_path / "annotations.parquet"
     pq.write_table(to_table(images), path)
@@ -220,6 +220,6 @@ def test_table_round_trip_through_parquet_and_duckdb(tmp_path):
 
 def test_image_roots_in_object_storage_keep_their_scheme():
     from mtcnn.annotations import read_wider
-    gt = Path(__file__).resolve().parents[2] / "shared" / "data" / "wider_face_train_small" / "wider_face_train_bbx_gt.txt"
+    gt = shared_data("wider_face_train_small/wider_face_train_bbx_gt.txt")
     annotations = read_wider(gt, "s3://bucket/images/")
     assert annotations[0].path.startswith("s3://bucket/images/0--Parade/")

@@ -17,13 +17,17 @@ from jobs.inputs.decode import decode_image
 from jobs.output import committed_parts
 from mtcnn import DetectorConfig, FaceDetector
 from mtcnn.align import ARCFACE_TEMPLATE, align_face, template_points, transform_points, umeyama
+from shared_data import needs_shared_data, shared_path
 
 ROOT = Path(__file__).parent.parent
 DATA = Path(__file__).parent / "data"
-WIDER = ROOT.parent / "shared" / "data" / "wider_face_val_dev"
-FACEPOINTS = ROOT.parent / "shared" / "data" / "cnn_facepoint_5pt" / "net_7876"
+WIDER = shared_path("wider_face_val_dev")
+FACEPOINTS = shared_path("cnn_facepoint_5pt/net_7876")
 WIDER_IMAGES = 6  # the first images of the ground truth, so `--limit` selects exactly them
-needs_wider = pytest.mark.skipif(not WIDER.is_dir(), reason="../shared/data/wider_face_val_dev not present")
+needs_wider = needs_shared_data("wider_face_val_dev")
+needs_facepoints = needs_shared_data("cnn_facepoint_5pt/net_7876")
+#: Tests whose counts need `annotated` to hold the WIDER and 5-point photos, not the bundled images alone.
+needs_all_photos = needs_shared_data("wider_face_val_dev", "cnn_facepoint_5pt/net_7876")
 
 
 def wider_names() -> list[str]:
@@ -89,6 +93,7 @@ def test_box_chip_is_square_and_centred_on_the_box():
 
 # -- crops ----------------------------------------------------------------------------------------
 
+@needs_all_photos
 def test_similarity_chips_put_eyes_and_mouth_on_the_template(annotated, tmp_path):
     _, output = annotated
     out = tmp_path / "chips"
@@ -126,7 +131,7 @@ def test_similarity_chips_put_eyes_and_mouth_on_the_template(annotated, tmp_path
     assert np.median(fit) <= 2.5, fit
 
 
-@pytest.mark.skipif(not FACEPOINTS.is_dir(), reason="../shared/data/cnn_facepoint_5pt not present")
+@needs_facepoints
 def test_similarity_chips_are_near_the_floor_the_fit_sets():
     """On faces with known landmarks: chips from detected landmarks are as close to the template as the fit allows."""
     from mtcnn.align import similarity_matrix
@@ -157,6 +162,7 @@ def test_similarity_chips_are_near_the_floor_the_fit_sets():
     assert np.median(detected) <= np.median(floor) + 0.5, (np.median(detected), np.median(floor))
 
 
+@needs_all_photos
 def test_box_chips_largest_face_png_and_files(annotated, tmp_path):
     images, output = annotated
     out, files = tmp_path / "box", tmp_path / "files"
@@ -232,6 +238,7 @@ def test_crops_from_and_to_s3(annotated, s3_server, tmp_path):
         assert pq.read_table(handle).num_rows > 0
 
 
+@needs_all_photos
 def test_gallery_shows_chips(annotated, tmp_path):
     _, output = annotated
     crops(CropsConfig(str(output), str(tmp_path / "chips"), show_progress=False))
@@ -315,7 +322,7 @@ def test_evaluate_predictions_names_images_without_a_row(annotated, capsys):
     assert "1 of 7 wider images have no predictions" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not FACEPOINTS.is_dir(), reason="../shared/data/cnn_facepoint_5pt not present")
+@needs_facepoints
 def test_landmark_error_of_stored_predictions_equals_detecting_again(annotated, tmp_path):
     images, output = annotated
     names = {p.name for p in (images / "net_7876").glob("*.jpg")}

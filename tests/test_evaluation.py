@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,14 +13,14 @@ from mtcnn.box_coder import box_iou
 from mtcnn.evaluation import (SETTINGS, WiderGroundTruth, draw_pr_curves, evaluate_landmarks, evaluate_wider,
                               landmark_nme, load_wider_ground_truth, match_faces, match_image,
                               save_pr_curves, voc_ap)
+from shared_data import needs_shared_data, shared_data, shared_path
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
-WIDER = DATA / "wider_face_val_dev"
+WIDER = shared_path("wider_face_val_dev")
 
 
 @pytest.fixture(scope="module")
 def ground_truth() -> WiderGroundTruth:
-    return load_wider_ground_truth(WIDER)
+    return load_wider_ground_truth(shared_data("wider_face_val_dev"))
 
 
 # -- matching --------------------------------------------------------------------------------------
@@ -203,7 +202,7 @@ def test_reference_detections_land_near_the_readme_figures(ground_truth):
     # facenet-pytorch's stored detections at min face 20; the data README reports AP easy 0.809,
     # medium 0.740, hard 0.465 for the same detector at min face 10, which finds more small faces.
     detections = {}
-    with open(DATA / "reference_mtcnn" / "wider_face_val_dev.min20.jsonl") as stream:
+    with open(shared_data("reference_mtcnn/wider_face_val_dev.min20.jsonl")) as stream:
         for line in stream:
             row = json.loads(line)
             boxes = np.array(row["boxes"], float).reshape(-1, 4)
@@ -279,8 +278,8 @@ def local_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("evaluate") / "local"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli_main(["evaluate", "--wider", str(WIDER), "--landmarks",
-                           str(DATA / "cnn_facepoint_5pt" / "testImageList.txt"), "--limit", "2",
+        status = cli_main(["evaluate", "--wider", str(shared_data("wider_face_val_dev")), "--landmarks",
+                           str(shared_data("cnn_facepoint_5pt/testImageList.txt")), "--limit", "2",
                            "--pyramid", "classic", "--precision", "bf16", "--output", str(output)])
     return status, out.getvalue(), err.getvalue(), output
 
@@ -315,6 +314,7 @@ def local_ray():
 
 
 @pytest.mark.slow
+@needs_shared_data("wider_face_val_dev")
 def test_evaluate_command_with_the_annotate_ray_job(tmp_path, capsys, local_run, local_ray):
     output = tmp_path / "ray"
     assert cli_main(["evaluate", "--wider", str(WIDER), "--limit", "2", "--pyramid", "classic", "--ray",

@@ -16,12 +16,12 @@ from jobs.training.prepare_stage import (PrepareConfig, PrepareError, SampleMake
 from jobs.training.augment import AugmentConfig
 from jobs.training.samples import SampleConfig
 from jobs.training.schema import LANDMARK, NEGATIVE, PART, POSITIVE, SAMPLE_SCHEMA, SUMMARY_FILE
+from shared_data import needs_shared_data, shared_data, shared_path
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
-WIDER = DATA / "wider_face_train_small"
-POINTS = DATA / "cnn_facepoint_5pt" / "trainImageList.txt"
+WIDER = shared_path("wider_face_train_small")
+POINTS = shared_path("cnn_facepoint_5pt/trainImageList.txt")
 
-pytestmark = pytest.mark.skipif(not WIDER.is_dir() or not POINTS.is_file(), reason="shared data not found")
+pytestmark = needs_shared_data("wider_face_train_small", "cnn_facepoint_5pt/trainImageList.txt")
 
 
 def read_shards(folder: str, filesystem=None) -> pa.Table:
@@ -140,8 +140,8 @@ def test_weights_without_the_mining_stages_are_refused(tmp_path):
 def test_faces_from_several_sources_and_formats(tmp_path):
     from mtcnn.annotations import read_dlib_xml, read_webfaces, read_wider, to_table
 
-    webfaces = DATA / "webfaces" / "WebFaces_GroundThruth.txt"
-    dlib = DATA / "dlib_xml" / "training.xml"
+    webfaces = shared_data("webfaces/WebFaces_GroundThruth.txt")
+    dlib = shared_data("dlib_xml/training.xml")
     table_file = tmp_path / "my_faces.parquet"
     import pyarrow.parquet as pq
     pq.write_table(to_table(read_dlib_xml(dlib)), table_file)

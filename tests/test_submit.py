@@ -22,9 +22,9 @@ from jobs.cli import main
 from jobs.common.storage import filesystem
 from jobs.commands.submit import SubmitError, check_arguments, parse_env
 from mtcnn.weights import load_weights
+from shared_data import needs_shared_data, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parents[2] / "shared" / "data"
 IMAGES = [REPO / "tests" / "data" / name for name in ("astronaut.png", "cmyk.jpg", "exif_rotated.jpg")]
 #: submit options that ship the S3 settings and credentials of the client's environment.
 SHIP_AWS = ["--env", "AWS_ENDPOINT_URL", "--env", "AWS_DEFAULT_REGION",
@@ -244,7 +244,7 @@ def _pnet_shard(images: int = 3):
 
     from jobs.training.samples import SampleConfig, face_samples, to_table
 
-    wider = DATA / "wider_face_train_small"
+    wider = shared_data("wider_face_train_small")
     lines = (wider / "wider_face_train_bbx_gt.txt").read_text().splitlines()
     config, rng, tables, i = SampleConfig(stage="pnet", samples_per_image=60), np.random.default_rng(0), [], 0
     while len(tables) < images:
@@ -259,6 +259,7 @@ def _pnet_shard(images: int = 3):
 
 
 @pytest.mark.slow
+@needs_shared_data("wider_face_train_small")
 def test_tiny_training_job_writes_weights_to_s3(ray_head, s3_server, tmp_path):
     fs, _ = filesystem("s3://submit-train")
     fs.mkdir("submit-train")

@@ -20,14 +20,17 @@ from jobs.training.trainer import TrainConfig, train_stage
 from mtcnn.annotations import read_facepoint_list, read_wider
 from mtcnn.detector import FaceDetector
 from mtcnn.weights import load_weights
+from shared_data import DEFAULT_ROOT, shared_data, shared_path
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
-WIDER = DATA / "wider_face_train_small"
-FACEPOINT = DATA / "cnn_facepoint_5pt"
+WIDER = shared_path("wider_face_train_small")
+FACEPOINT = shared_path("cnn_facepoint_5pt")
 
 
 def write_tiny_shards(folder: Path, stage: str = "pnet", images: int = 30, seed: int = 0) -> int:
-    """Real samples of real images (the prepare job's labelling, without Ray) as two shards."""
+    """Real samples of real images (the prepare job's labelling, without Ray) as two shards.
+    Skips (or fails) the calling test or fixture when the shared data is missing."""
+    shared_data("wider_face_train_small")
+    shared_data("cnn_facepoint_5pt/trainImageList.txt")
     rng = np.random.default_rng(seed)
     config = SampleConfig(stage=stage, samples_per_image=24, landmark_samples_per_image=3)
     tables = []
@@ -156,11 +159,11 @@ def test_a_run_started_with_other_settings_is_refused_naming_them_or_restarted(r
     first = train_stage(_config(shards, tmp_path / "run", **one_worker))
     assert first.metrics["resumed_from_epoch"] == 0
     # A changed learning rate, or other data in the same output, never resumes silently.
-    with pytest.raises(SettingsChanged, match=r"learning_rate: 0.003 -> 0.001.*--restart"):
+    with pytest.raises(SettingsChanged, match=r"learning_rate 0.003 -> 0.001.*--restart"):
         train_stage(_config(shards, tmp_path / "run", learning_rate=1e-3, **one_worker))
     other = tmp_path / "other" / "pnet"
     write_tiny_shards(other, images=8, seed=1)
-    with pytest.raises(SettingsChanged, match="samples: "):
+    with pytest.raises(SettingsChanged, match=r"\(samples[ .]"):
         train_stage(_config(other, tmp_path / "run", **one_worker))
     assert load_weights(tmp_path / "run").provenance["config"]["learning_rate"] == 3e-3  # untouched
     # Operational settings may change: more workers resume the finished run (no epoch left).
@@ -182,12 +185,12 @@ def test_a_setting_added_later_matches_runs_recorded_before_it_until_it_is_set(p
     # A record written before landmark_weight existed holds no such key: left unset, it matches.
     assert "landmark_weight" not in paper
     heavier = train_settings(_config(shards, tmp_path / "run", landmark_weight=4.0), None, None)
-    assert differences(paper, heavier) == ["landmark_weight: (none) -> 4.0"]
+    assert differences(paper, heavier) == ["landmark_weight (none) -> 4.0"]
     with pytest.raises(ValueError, match="landmark_weight must be at least 0"):
         _config(shards, tmp_path / "run", landmark_weight=-1.0)
     assert "landmark_loss" not in paper
     wing = train_settings(_config(shards, tmp_path / "run", landmark_loss="wing"), None, None)
-    assert differences(paper, wing) == ['landmark_loss: (none) -> "wing"']
+    assert differences(paper, wing) == ['landmark_loss (none) -> "wing"']
     with pytest.raises(ValueError, match="landmark_loss must be one of"):
         _config(shards, tmp_path / "run", landmark_loss="l1")
 
@@ -205,6 +208,9 @@ def test_shards_of_another_stage_or_missing_get_a_clear_error(pnet_shards, tmp_p
 def test_recipe_config_is_read_into_dataclasses_with_clear_errors(tmp_path):
     from jobs.training.recipe import load_recipe
 
+    # The shipped recipes name ../shared/data beside the repository (relative to configs/).
+    for name in ("wider_face_train_small", "wider_face_train_more", "webfaces", "cnn_facepoint_5pt"):
+        shared_data(name, root=DEFAULT_ROOT)
     for config_file in sorted((Path(__file__).parents[1] / "configs").glob("shared-data*.yaml")):
         config = load_recipe(config_file)
         assert list(config.stages) == ["pnet", "rnet", "onet"] and not config.ohem
