@@ -27,9 +27,9 @@ from jobs.cli import main
 from jobs.common.redaction import MASK, StreamRedactor, install_log_redaction, looks_like_secret, public_path, redact, redact_text
 from jobs.commands.submit import SubmitError, check_arguments, parse_env
 from secret_shapes import all_secrets, build_corpus, scan, scan_tree
+from shared_data import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parents[2] / "shared" / "data"
 CORPUS = build_corpus()
 SECRETS = all_secrets(CORPUS)
 PATH_SHAPES = [s for s in CORPUS if s.public is not None]
@@ -395,6 +395,7 @@ def test_preview_shows_paths_and_errors_without_their_secrets(tmp_path, capsys):
 def test_evaluate_metrics_hold_no_secret_from_the_weights_provenance(tmp_path, capsys):
     from mtcnn.weights import load_weights, save_weights
 
+    landmarks = shared_data("cnn_facepoint_5pt/testImageList.txt")
     # Weights written by an older trainer, its provenance still holding the run's credentials.
     leaky = {"name": "old run", "data": {"shards": _shape("aws-presigned-v2").text},
              "config": {"storage_options": _shape("azure-connection-string").options,
@@ -405,7 +406,7 @@ def test_evaluate_metrics_hold_no_secret_from_the_weights_provenance(tmp_path, c
                for p in _shape(name).secrets]
     assert scan(secrets, weights.read_bytes())  # the input really holds them
     status = main(["evaluate", "--weights", str(weights), "--landmarks",
-                   str(DATA / "cnn_facepoint_5pt" / "testImageList.txt"), "--limit", "1",
+                   str(landmarks), "--limit", "1",
                    "--output", str(tmp_path / "metrics")])
     captured = capsys.readouterr()
     assert status == 0, captured.err
@@ -426,3 +427,11 @@ def test_settings_that_name_an_auth_kind_are_not_masked():
 
     assert redact_text("set RAY_AUTH_MODE=disabled to turn it off") == "set RAY_AUTH_MODE=disabled to turn it off"
     assert "hunter2" not in redact_text("RAY_AUTH_TOKEN=hunter2 AUTH=hunter2")
+
+
+@pytest.mark.parametrize("token", ["AIza" + "Bc4_" * 8 + "d-x", "AIza" + "Bc4_" * 8 + "dx-",
+                                   "glpat-" + "aB3_" * 5 + "-"])
+def test_key_formats_ending_in_a_dash_are_masked_before_a_space_or_the_end(token):
+    # A token whose last character is '-' has no word boundary before a space or the end of text.
+    for text in (f"key {token} in a log line", f"key {token}", f"{token}\nnext"):
+        assert token not in redact_text(text), text

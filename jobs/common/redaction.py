@@ -89,7 +89,9 @@ _KEY_FORMATS = re.compile(
     r"|sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"  # OpenAI, Anthropic
     r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
     r"|npm_[A-Za-z0-9]{36}"  # npm
-    r")\b")
+    # Ends at a word boundary, or after a final '-' that no other token character follows (a
+    # Google key, a JWT or a GitLab token may end in '-', where \b before a space never holds).
+    r")(?:\b|(?<=-)(?![0-9A-Za-z_-]))")
 
 
 def _name_words(name: str) -> list[str]:
