@@ -158,7 +158,7 @@ def test_settings_difference_names_each_setting_once_with_dotted_keys():
 
 
 def _refusal_details(message: str) -> str:
-    found = re.search(r"with other settings \((.*)\); pass --(restart|overwrite) to ", message)
+    found = re.search(r"with other settings \((.*)\); pass --restart ", message)
     assert found, message
     return found.group(1)
 

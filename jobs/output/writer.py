@@ -101,8 +101,8 @@ class PartsOutput:
             if earlier != now:
                 raise OutputError(
                     f"OUTPUT {self.output} holds results made with other settings "
-                    f"({settings_difference(earlier, now)}); pass --overwrite to replace them "
-                    "or choose another OUTPUT")
+                    f"({settings_difference(earlier, now)}); pass --restart (or --overwrite) to "
+                    "replace them or choose another OUTPUT")
         return self.parts
 
     def _settings_in(self, fs, path: str) -> dict:
@@ -121,7 +121,7 @@ class PartsOutput:
                 fs, _ = filesystem(self.output, self.storage_options)
                 for path in self.parts:
                     retry_store(lambda path=path: fs.rm_file(path), f"removing {path}", self.patience)
-                log.info("--overwrite: removed %d files of earlier runs from %s", len(self.parts),
+                log.info("--restart: removed %d files of earlier runs from %s", len(self.parts),
                          public_path(self.output))
                 self.parts = []
         except BaseException:

@@ -90,7 +90,8 @@ class PrepareConfig:
     batch_size: int = field(default=8, metadata={"help": "images per batch handed to one actor"})
     concurrency: int | None = field(default=None, metadata={
         "help": "actors making samples (None: one per CPU of the cluster)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace shards of an earlier run"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace shards of an earlier run", "flag": "--restart", "aliases": ("--overwrite",)})
     storage_options: dict = field(default_factory=dict, metadata={
         "help": "fsspec options for --output and image URLs, as JSON"})
     address: str | None = field(default=None, metadata={"help": "Ray cluster address (None: a local Ray)"})
@@ -301,7 +302,7 @@ def _prepare_output(config: PrepareConfig) -> tuple[object, str]:
     if existing:
         if not config.overwrite:
             raise PrepareError(f"{folder} already holds {len(existing)} files from an earlier run; pass "
-                               "--overwrite to replace them or choose another --output")
+                               "--restart (or --overwrite) to replace them or choose another --output")
         fs.rm(root, recursive=True)
     if not is_remote(folder):
         fs.makedirs(root, exist_ok=True)
