@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +110,13 @@ def run_job(args: list[str], stop_when=None, timeout: float = 7200) -> dict:
             "status": job.returncode, "out": out.strip(), "err": err}
 
 
+def fresh(folder: Path) -> Path:
+    """folder, with whatever an earlier run with the same --work left there removed."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    return folder
+
+
 def parts(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.parquet")) if folder.exists() else []
 
@@ -143,11 +151,7 @@ def committed_output(root: Path, manifest: Path, count: int) -> Path:
     metadata = run_metadata(str(weights.source), weights.sha256, weights.provenance, DetectorConfig(),
                             DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES)
     metadata["device"] = "cpu"
-    output = root / f"resume-{count}"
-    if output.exists():
-        import shutil
-
-        shutil.rmtree(output)
+    output = fresh(root / f"resume-{count}")
     output.mkdir()
     empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
     with open(manifest) as handle:
@@ -181,7 +185,7 @@ def main() -> None:
         args.baseline_images = 0
     baseline = in_process_rate(images, args.baseline_images) if args.baseline_images else 0.0
     print(f"in-process detector (read + decode + detect, 2 threads): {baseline:.1f} images/s", flush=True)
-    out = root / "out-full"
+    out = fresh(root / "out-full")  # an earlier run's rows would be resumed, not annotated
     job = run_job([str(images), str(out)]) if not args.no_full_job else None
     rate = args.images / job["seconds"] if job else 0.0
     print(f"| full job, {args.images:,} tiny images | {job['seconds']:.0f} s, {rate:.1f} images/s "
@@ -194,11 +198,7 @@ def main() -> None:
         manifest = make_manifest(root, images, args.images, lines)
         print(f"manifest of {lines:,} lines written in {time.perf_counter() - made:.0f} s "
               f"({manifest.stat().st_size / 1e6:.0f} MB)", flush=True)
-        out = root / f"out-manifest-{lines}"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
+        out = fresh(root / f"out-manifest-{lines}")
         job = run_job([str(manifest), str(out)], stop_when=lambda out=out: bool(parts(out)))
         print(f"| manifest of {lines:,} lines | first part committed after {job['first']:.1f} s "
               f"(then stopped) | driver peak RSS {job['peak_mb']:.0f} MB | exit {job['status']}",

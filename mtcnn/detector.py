@@ -24,7 +24,9 @@ from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scal
 from .weights import CascadeWeights, load_weights
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: Reduced precisions' dtypes; fp16 only on GPUs (CPUs have no fast fp16 convolutions in torch).
+_REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,12 @@ class DetectorConfig:
     #: Arithmetic of the three nets' bodies. "fp32" (the default) is exact: the classic pyramid
     #: then reproduces the reference. "bf16" runs the convolutions and dense layers in bfloat16
     #: (heads, boxes and NMS stay fp32); on CPUs through oneDNN's prepacked bf16 modules.
-    #: Its AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py.
+    #: "fp16" does the same in float16, on GPUs only.
+    #: Its AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py,
+    #: benchmarks/gpu_check.py.
     precision: str = field(default="fp32", metadata={
-        "help": "the nets' arithmetic: fp32 (exact) or bf16 (faster on CPUs with AVX-512 BF16 and on GPUs)",
+        "help": "the nets' arithmetic: fp32 (exact), bf16 (faster on CPUs with AVX-512 BF16 and on GPUs) "
+                "or fp16 (GPUs only)",
         "choices": PRECISIONS})
 
     def __post_init__(self) -> None:
@@ -188,6 +193,8 @@ class FaceDetector:
         # On CPUs the pyramid, summed-area tables and NMS use OpenCV's C++ kernels; elsewhere
         # everything stays in torch on the device.
         self._host_kernels = self.device.type == "cpu"
+        if self.config.precision == "fp16" and self._host_kernels:
+            raise ValueError("precision 'fp16' runs on GPUs only; on CPUs use 'bf16' or 'fp32'")
         if self._host_kernels:
             keep_freed_memory()  # large activations reused, not faulted in anew per chunk
         self._stage_batch_size = int(self.config.stage_batch_size or (64 if self._host_kernels else 2048))
@@ -196,10 +203,11 @@ class FaceDetector:
         for name, stage in self.weights.stages.items():
             net = ProposalNet(stage) if name == "pnet" else WindowNet(stage)
             net = net.to(self.device, memory_format=memory_format).eval()
-            if self.config.precision == "bf16":
+            if self.config.precision in _REDUCED:
                 # On CPUs through oneDNN's prepacked bf16 modules: eager bf16 there is slower than
                 # fp32 (torch's bf16 PReLU and pooling take scalar paths).
-                self._nets[name] = net.prepack_for_cpu(torch.bfloat16) if self._host_kernels else net.use_bfloat16()
+                dtype = _REDUCED[self.config.precision]
+                self._nets[name] = net.prepack_for_cpu(dtype) if self._host_kernels else net.use_reduced(dtype)
                 continue
             # Prepacked oneDNN weights pay off for the many small window batches, not for P-Net's
             # few large levels (measured slower there).

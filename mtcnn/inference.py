@@ -112,8 +112,12 @@ class ProposalNet(nn.Module):
 
     def use_bfloat16(self) -> "ProposalNet":
         """Run the conv body in bfloat16 (faster where the CPU or GPU has bf16 units); heads stay fp32."""
-        self.body = self.body.to(torch.bfloat16)
-        self._body_dtype = torch.bfloat16
+        return self.use_reduced(torch.bfloat16)
+
+    def use_reduced(self, dtype: torch.dtype) -> "ProposalNet":
+        """Run the conv body in dtype (bfloat16, or float16 on GPUs); heads stay fp32."""
+        self.body = self.body.to(dtype)
+        self._body_dtype = dtype
         return self
 
     def prepack_for_cpu(self, dtype: torch.dtype = torch.bfloat16) -> "ProposalNet":
@@ -171,14 +175,23 @@ class WindowNet(nn.Module):
         self.register_buffer("head_weight", torch.cat(weights).t().contiguous())
         self.register_buffer("head_bias", torch.cat(biases))
         self._onednn_dtype: torch.dtype | None = None
-        self._bfloat16 = False
+        #: dtype of the eager body and dense layer when reduced (bf16, or fp16 on GPUs).
+        self._reduced_dtype: torch.dtype | None = None
+
+    @property
+    def _bfloat16(self) -> bool:
+        return self._reduced_dtype == torch.bfloat16
 
     def use_bfloat16(self) -> "WindowNet":
         """Run the conv body and dense layer in bfloat16; the fused head GEMM stays fp32."""
-        self.body = self.body.to(torch.bfloat16)
-        self.dense = self.dense.to(torch.bfloat16)
+        return self.use_reduced(torch.bfloat16)
+
+    def use_reduced(self, dtype: torch.dtype) -> "WindowNet":
+        """Run the conv body and dense layer in dtype (bfloat16, or float16 on GPUs); the head stays fp32."""
+        self.body = self.body.to(dtype)
+        self.dense = self.dense.to(dtype)
         self._onednn_dtype = None
-        self._bfloat16 = True
+        self._reduced_dtype = dtype
         return self
 
     def prepack_for_cpu(self, dtype: torch.dtype = torch.float32) -> "WindowNet":
@@ -195,8 +208,8 @@ class WindowNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Face probability (N,), box offsets (N, 4) and landmarks (N, 10) or None."""
-        if self._bfloat16:
-            dense = self.dense(self.body(pixels.to(torch.bfloat16))).float()
+        if self._reduced_dtype is not None:
+            dense = self.dense(self.body(pixels.to(self._reduced_dtype))).float()
         elif self._onednn_dtype is not None:
             dense = self.dense(self.body(pixels.to_mkldnn(self._onednn_dtype)).to_dense(torch.float32))
         else:

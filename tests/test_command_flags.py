@@ -188,3 +188,10 @@ def test_train_names_differing_settings_as_annotate_and_crops_do(tmp_path):
     assert refuse_unless_restart(EARLIER, NOW, True, "", "") == settings_difference(EARLIER, NOW)
     assert differences(EARLIER, NOW) == setting_changes(EARLIER, NOW)
     assert differences(None, NOW) == ["settings of the earlier run unknown (made by an older version)"]
+
+
+def test_fp16_on_a_cpu_only_annotate_run_is_one_line_naming_what_to_do(tmp_path, capsys):
+    # fp16 runs on GPUs only: refused before any Ray starts, not by every CPU actor that builds a detector.
+    assert main(["annotate", str(tmp_path), str(tmp_path / "out"), "--precision", "fp16"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "fp16" in error and "--num-gpus" in error and len(error.splitlines()) == 1

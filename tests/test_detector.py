@@ -72,6 +72,11 @@ def test_bf16_finds_the_same_face_with_close_scores_and_landmarks(detector, astr
     assert np.array_equal(FaceDetector(pyramid="classic").detect([astronaut])[0].boxes, exact.boxes)
 
 
+def test_fp16_is_refused_on_cpus_with_what_to_use_instead():
+    with pytest.raises(ValueError, match="GPUs only.*'bf16' or 'fp32'"):
+        FaceDetector(precision="fp16")
+
+
 def test_landmarks_follow_the_image_left_convention(detector, astronaut):
     found = detector.detect([astronaut, np.ascontiguousarray(astronaut[:, ::-1])])
     for result in found:

@@ -125,3 +125,20 @@ def test_bfloat16_nets_stay_close_to_fp32(prepacked):
                 else:
                     assert got.dtype == torch.float32 and (got - want).abs().max() < 0.05
                     assert not torch.equal(got, want)  # bf16 really ran
+
+
+def test_float16_forms_stay_close_to_fp32():
+    # The arithmetic of precision="fp16" on GPUs: eager float16 bodies, fp32 heads. Run here on the
+    # CPU, whose float16 convolutions give the same roundings up to accumulation order.
+    torch.manual_seed(3)
+    stages = load_weights("reference").stages
+    pixels = torch.rand(2, 3, 48, 48) * 255
+    with torch.inference_mode():
+        _, exact = ProposalNet(stages["pnet"]).eval()(pixels)
+        _, rounded = ProposalNet(stages["pnet"]).eval().use_reduced(torch.float16)(pixels)
+        assert rounded.dtype == torch.float32 and (rounded - exact).abs().max() < 0.05
+        for name, size in (("rnet", 24), ("onet", 48)):
+            window = pixels[:, :, :size, :size].contiguous()
+            exact = WindowNet(stages[name]).eval()(window)
+            rounded = WindowNet(stages[name]).eval().use_reduced(torch.float16)(window)
+            assert (rounded[0] - exact[0]).abs().max() < 1e-3 and (rounded[1] - exact[1]).abs().max() < 1e-2

@@ -132,6 +132,8 @@ class AnnotateConfig:
             raise ValueError(f"--read-retries must be 0 or more, got {self.read_retries}")
         if self.commit_seconds <= 0:
             raise ValueError(f"--commit-seconds must be positive, got {self.commit_seconds}")
+        if getattr(self.detector, "precision", None) == "fp16" and not self.num_gpus:
+            raise ValueError("--precision fp16 runs on GPUs only: pass --num-gpus, or use bf16 or fp32")
 
     @property
     def read_policy(self) -> ReadPolicy:
@@ -269,10 +271,11 @@ class _Journal:
     """A batch's entries in the run's crash journal (no-ops without a run state)."""
 
     def __init__(self, state, paths: list[str]) -> None:
-        import ray
+        self.state, self.token, self.history = state, part_name(paths), {}
+        if state is not None:  # Ray only where there is a run state: the actor runs without it too
+            import ray
 
-        self.state, self.token = state, part_name(paths)
-        self.history = ray.get(state.start.remote(self.token, paths)) if state is not None else {}
+            self.history = ray.get(state.start.remote(self.token, paths))
 
     def poisoned(self, path: str) -> tuple[str | None, str | None]:
         """(error, kind) for an image that has killed its worker MAX_STRIKES times, else (None, None).
