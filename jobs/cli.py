@@ -21,6 +21,7 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, ConnectionError)
 COMMANDS = {
     "annotate": ("jobs.commands.annotate", "detect faces in a folder, bucket or manifest of images into Parquet"),
     "preview": ("jobs.commands.preview", "draw an annotate run's detections into an HTML gallery"),
+    "anonymize": ("jobs.commands.anonymize", "copy images with every detected face blurred, pixelated or filled"),
     "crops": ("jobs.commands.crops", "cut aligned face chips out of an annotate run's images into Parquet"),
     "gallery": ("jobs.commands.gallery", "a sample of a crops run's chips as an HTML gallery"),
     "export": ("jobs.commands.export", "an annotate run as COCO keypoints JSON, WIDER prediction files or CSV"),

@@ -90,10 +90,16 @@ def _read_retried(path: str, storage_options: dict, policy: ReadPolicy) -> tuple
 
 def read_image(path: str, storage_options: dict, policy: ReadPolicy) -> np.ndarray:
     """RGB pixels of one image as displayed; raises ReadFailure with its kind."""
+    return read_image_and_bytes(path, storage_options, policy)[0]
+
+
+def read_image_and_bytes(path: str, storage_options: dict, policy: ReadPolicy) -> tuple[np.ndarray, bytes]:
+    """read_image's pixels and the file's bytes (for a job that copies parts of the file, such as
+    its colour profile, into what it writes); raises ReadFailure with its kind."""
     data, modified = _read_retried(path, storage_options, policy)
     inject_crash(path)
     try:
-        return decode_image(data, policy.max_pixels)
+        return decode_image(data, policy.max_pixels), data
     except DecodeError as error:
         raise _decode_failure(error, data, modified, policy.max_pixels) from None
     except MemoryError:

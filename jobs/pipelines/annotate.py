@@ -22,28 +22,22 @@ import pyarrow.compute as pc
 from mtcnn import Detections, DetectorConfig, FaceDetector, estimate_peak_bytes, in_original, scale_to_fit, shrunk
 from mtcnn.weights import CascadeWeights
 
-from jobs.inputs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from jobs.runtime.data_context import ray_data_context
-from jobs.output import (CommitBuffer, OutputError, OutputFull, OutputMode, PartsOutput, StorePatience,
-                     StoreUnavailable, part_name, path_digests)
-from jobs.runtime.progress import ProgressLine
-from jobs.inputs.reading import ReadFailure, ReadPolicy, first_line, read_image
-from jobs.pipelines.run_state import MAX_STRIKES, RunState
+from jobs.common.redaction import redact, redact_text
 from jobs.common.schema import ANNOTATION_SCHEMA, METADATA_KEY, ErrorKind, annotation_table, run_metadata, settings_of
-from jobs.inputs.sources import CHUNK_PATHS, ListingShard, Unlisted, plan_shards
-from jobs.common.redaction import public_path, redact, redact_text
 from jobs.common.storage import parse_storage_options
+from jobs.inputs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from jobs.inputs.reading import ReadFailure, ReadPolicy, first_line, read_image
+from jobs.inputs.sources import ListingShard, plan_shards
+from jobs.output import CommitBuffer, OutputError, OutputMode, PartsOutput, StorePatience, part_name
+from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, JobStopped, Journal, RunPlan, connect,
+                                      image_source, row_urls, start_run, unlisted_reasons)
+from jobs.runtime.data_context import ray_data_context
+from jobs.runtime.progress import ProgressLine
 from jobs.inputs.stored_weights import load_weights_from
 
 PERMANENT, TRANSIENT, CRASHED = (kind.value for kind in ErrorKind)
 
 log = logging.getLogger(__name__)
-
-
-class JobStopped(RuntimeError):
-    """The run stopped before annotating anything, for a reason that is not any image's fault."""
-
-    exit_status = 1  # not the input's fault either: 2 is for bad input
 
 
 def _concurrency(text: str) -> int | tuple[int, int]:
@@ -171,68 +165,14 @@ class AnnotateSummary:
         return text
 
 
-# -- listing ---------------------------------------------------------------------------------
-
-#: Bytes at which Ray Data cuts the listing into blocks (about 500 paths with their URLs); each
-#: is then split in SPLIT_BLOCKS, so a block carries a few detector batches and even a short job
-#: spreads over every actor.
-PATH_BLOCK_BYTES = 64 * 1024
-SPLIT_BLOCKS = 8
-#: Paths the listing may run ahead of the annotated images.
-LIST_AHEAD = 50_000
-
-
-def _image_source(shards: list[ListingShard], storage_options: dict, state):
-    """A Ray Datasource reading the shards' chunks, each trimmed to the paths this run annotates."""
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    def read_shard(shard: ListingShard):
-        import ray
-
-        for number, chunk in enumerate(shard.chunks(storage_options, CHUNK_PATHS)):
-            # Rows store (and resume matches) each path minus any credentials it carries, such as a
-            # presigned URL's signature; the file is read through the URL as listed. An entry the
-            # listing could not read as a path (Unlisted) goes on as an error row naming it.
-            stored = [entry.name if isinstance(entry, Unlisted) else public_path(entry) for entry in chunk]
-            keep = ray.get(state.claim.remote(path_digests(stored), f"{shard.index}:{number}"))
-            if keep.any():
-                kept = np.array(chunk, dtype=object)[keep]
-                yield pa.table({
-                    "path": pa.array(np.array(stored, dtype=object)[keep], pa.string()),
-                    "url": pa.array([None if isinstance(e, Unlisted) else e for e in kept], pa.string()),
-                    "unlisted": pa.array([e.reason if isinstance(e, Unlisted) else None for e in kept],
-                                         pa.string())})
-            # Flow control: listing a 10M-line manifest as fast as it reads would take the CPUs
-            # from the detectors for minutes (and fill the claims index early); stay a window ahead.
-            while ray.get(state.ahead.remote()) > LIST_AHEAD:
-                time.sleep(0.5)
-        state.shard_listed.remote()
-
-    class ImageSource(Datasource):
-        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return [ReadTask(lambda shard=shard: read_shard(shard),
-                             BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
-                                           exec_stats=None))
-                    for shard in shards]
-
-        def estimate_inmemory_data_size(self):
-            return None
-
-        def get_name(self):
-            return "ListImages"
-
-    return ImageSource()
-
-
 # -- workers ---------------------------------------------------------------------------------
 
 def decode_batch(batch: pa.Table, storage_options: dict, policy: ReadPolicy, state=None) -> pa.Table:
     """Read and decode a batch of paths into raw RGB pixels with their sizes (or an error)."""
     paths = batch.column("path").to_pylist()
-    urls = _urls(batch)
-    unlisted = _unlisted(batch)
-    journal = _Journal(state, paths)
+    urls = row_urls(batch)
+    unlisted = unlisted_reasons(batch)
+    journal = Journal(state, paths)
     pixels, widths, heights, errors, kinds = [], [], [], [], []
     for path, url, reason in zip(paths, urls, unlisted):
         image, (error, kind) = None, journal.poisoned(path)
@@ -255,63 +195,6 @@ def decode_batch(batch: pa.Table, storage_options: dict, policy: ReadPolicy, sta
                      "error": pa.array(errors, pa.string()), "error_kind": pa.array(kinds, pa.string())})
 
 
-def _urls(batch: pa.Table) -> list[str]:
-    """Where each row's file is read from: the listed URL, or the path when they are the same."""
-    return batch.column("url" if "url" in batch.column_names else "path").to_pylist()
-
-
-def _unlisted(batch: pa.Table) -> list[str | None]:
-    """Per row, why the listing could not give it as a path (it becomes an error row), or None."""
-    if "unlisted" in batch.column_names:
-        return batch.column("unlisted").to_pylist()
-    return [None] * batch.num_rows
-
-
-class _Journal:
-    """A batch's entries in the run's crash journal (no-ops without a run state)."""
-
-    def __init__(self, state, paths: list[str]) -> None:
-        self.state, self.token, self.history = state, part_name(paths), {}
-        if state is not None:  # Ray only where there is a run state: the actor runs without it too
-            import ray
-
-            self.history = ray.get(state.start.remote(self.token, paths))
-
-    def poisoned(self, path: str) -> tuple[str | None, str | None]:
-        """(error, kind) for an image that has killed its worker MAX_STRIKES times, else (None, None).
-
-        Deaths are not the image's fault until shown to be: a worker may die of a kill from
-        outside, a spot preemption or another image's memory. So the row is 'crashed', which the
-        next run redoes alone; only an image that crashed in an earlier run too gets a final row.
-        """
-        strikes, before = self.history.get(path, (0, False))
-        if strikes < MAX_STRIKES:
-            return None, None
-        if before:
-            return (f"the worker process died {strikes} times in this run and in an earlier one while "
-                    "this image was being read, decoded or detected (a file that crashes the decoder, "
-                    "or needs more memory than a worker has); left out", PERMANENT)
-        return (f"the worker process died {strikes} times while this image was being read, decoded or "
-                "detected; the next run tries it again, alone", CRASHED)
-
-    def suspect(self, path: str) -> bool:
-        """Whether the image was in flight at an earlier death of a worker (so goes alone)."""
-        strikes, before = self.history.get(path, (0, False))
-        return strikes > 0 or before
-
-    def working_on(self, paths: list[str]) -> None:
-        """Record what is about to be decoded and detected, before doing it."""
-        if self.state is not None:
-            import ray
-
-            ray.get(self.state.working_on.remote(self.token, paths))
-
-    def finish(self) -> None:
-        """The batch is done."""
-        if self.state is not None:
-            self.state.finish.remote(self.token)
-
-
 class _Rows:
     """What a batch's output rows will say: size, detections and scale, or an error and its kind."""
 
@@ -326,7 +209,7 @@ class _Rows:
             self.errors = batch.column("error").to_pylist()
             self.kinds = batch.column("error_kind").to_pylist()
         else:
-            for index, reason in enumerate(_unlisted(batch)):
+            for index, reason in enumerate(unlisted_reasons(batch)):
                 if reason is not None:
                     self.failed(index, reason, PERMANENT)
 
@@ -456,7 +339,7 @@ class FaceAnnotator:
         """One output row per image of the batch: its faces, or why not."""
         paths = batch.column("path").to_pylist()
         rows = _Rows(batch)
-        journal = _Journal(self.state, paths)
+        journal = Journal(self.state, paths)
         for group in self._groups(batch, rows, journal):
             for item, found in zip(group, self._detect([item.pixels for item in group])):
                 rows.detected(item, found)
@@ -465,10 +348,10 @@ class FaceAnnotator:
             self.state.add.remote(*rows.counts())
         return annotation_table(paths, rows.sizes, rows.detections, rows.errors, rows.kinds, rows.scales)
 
-    def _groups(self, batch: pa.Table, rows: "_Rows", journal: "_Journal"):
+    def _groups(self, batch: pa.Table, rows: "_Rows", journal: "Journal"):
         """Images to detect in one call each, within pixels_in_flight and the memory budget;
         failures to read go to rows."""
-        paths, urls = batch.column("path").to_pylist(), _urls(batch)
+        paths, urls = batch.column("path").to_pylist(), row_urls(batch)
         decoded = "pixels" in batch.column_names
         if decoded:
             # Decode tasks made the pixels (GPU clusters); their errors are already in rows.
@@ -568,25 +451,16 @@ def commit_record(table: pa.Table, path: str) -> dict:
 
 # -- the job ---------------------------------------------------------------------------------
 
-@dataclass
-class _Plan:
-    """What a run reads and what it found in OUTPUT, checked before OUTPUT is touched."""
-
-    weights: CascadeWeights
-    shards: list[ListingShard]
-    output: PartsOutput
-
-
 def annotate(config: AnnotateConfig,
              on_rows: Callable[[AnnotateSummary], None] | None = None) -> AnnotateSummary:
     """Run the annotate job; on_rows is called with the progress counts as they change."""
     started = time.perf_counter()
     plan = _plan(config)
-    resources = _connect(config)
+    resources = connect(config)
     plan.output.open()
     summary = AnnotateSummary()
     try:
-        state = _start_run(config, plan)
+        state = start_run(config, plan)
         _stream(config, plan, resources, state, summary, on_rows)
     finally:
         plan.output.close()
@@ -594,7 +468,7 @@ def annotate(config: AnnotateConfig,
     return summary
 
 
-def _plan(config: AnnotateConfig) -> _Plan:
+def _plan(config: AnnotateConfig) -> RunPlan:
     """Everything that can be wrong, checked before OUTPUT is touched: inputs, weights, OUTPUT."""
     weights = load_weights_from(config.weights, config.storage_options)
     metadata = run_metadata(str(weights.source or "(in memory)"), weights.sha256,
@@ -607,61 +481,10 @@ def _plan(config: AnnotateConfig) -> _Plan:
                          retry_errors=config.retry_errors,
                          patience=StorePatience(seconds=config.store_patience_seconds))
     output.check()
-    return _Plan(weights, shards, output)
+    return RunPlan(weights, shards, output)
 
 
-def _connect(config: AnnotateConfig) -> dict:
-    """Join (or start) Ray and check it has what the run asks for; its resources."""
-    import ray
-
-    from jobs.runtime.ray_env import init_ray
-
-    init_ray(config.address)
-    resources = ray.cluster_resources()
-    if config.num_gpus > 0 and resources.get("GPU", 0) <= 0:
-        raise ValueError(f"--num-gpus {config.num_gpus} asks for GPUs but the Ray cluster has none; "
-                         "drop --num-gpus to run on CPUs, or connect to a GPU cluster with --address")
-    return resources
-
-
-def _start_run(config: AnnotateConfig, plan: _Plan):
-    """With the lease held: start the run state actor, resume from OUTPUT, probe the reads."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    dedupe = any(shard.kind in ("text", "parquet") for shard in plan.shards)
-    # On the driver's node, which the job cannot outlive anyway: no worker node's loss takes it
-    # along. Restarted if its process dies (rebuilding what is done from OUTPUT), and calls
-    # in flight then are retried.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    state = ray.remote(RunState).options(
-        max_concurrency=8, num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here,
-    ).remote(dedupe, config.output, config.storage_options, len(plan.shards))
-    # The probe runs on a worker (a cluster's workers may lack the driver's credentials), the
-    # run-state actor's, while the driver goes on setting up the run.
-    probe = state.probe.remote(plan.shards, config.storage_options, config.read_policy)
-    if plan.output.parts:
-        try:
-            index = ray.get(state.scan.remote(config.output, config.storage_options, plan.output.parts,
-                                              config.retry_errors))
-        except ray.exceptions.RayTaskError as error:
-            # A damaged part, a store that stays down: the actor's own one-line error, not Ray's wrapper.
-            if isinstance(error.cause, (OutputError, StoreUnavailable, OutputFull)):
-                raise error.cause from None
-            raise
-        log.info("resuming: %d images already done in %s; %d error rows to redo%s",
-                 index["done"], public_path(config.output), index["redo"],
-                 f"; {index['duplicates']} rows of paths held twice taken out" if index["duplicates"] else "")
-    try:
-        reason = ray.get(probe)
-    except ray.exceptions.RayError:
-        reason = None  # the probe only looks for a common cause; the job finds any other
-    if reason is not None:
-        raise JobStopped(f"{public_path(config.input)}: {reason}. Nothing was marked done")
-    return state
-
-
-def _stream(config: AnnotateConfig, plan: _Plan, resources: dict, state,
+def _stream(config: AnnotateConfig, plan: RunPlan, resources: dict, state,
             summary: AnnotateSummary, on_rows) -> None:
     """The pipeline, run: read -> [decode] -> detect -> rows committed here, counted in summary."""
     import ray
@@ -721,7 +544,7 @@ def _build_dataset(shards: list[ListingShard], config: AnnotateConfig, weights: 
     separate_decode = use_gpu if config.separate_decode is None else config.separate_decode
     # Listing is I/O with little CPU: at 0 CPUs it never waits behind the detector actors, which
     # take every CPU (or GPU share) the cluster has.
-    dataset = ray.data.read_datasource(_image_source(shards, config.storage_options, state),
+    dataset = ray.data.read_datasource(image_source(shards, config.storage_options, state),
                                        num_cpus=0, concurrency=1,
                                        override_num_blocks=SPLIT_BLOCKS * len(shards))
     if separate_decode:
