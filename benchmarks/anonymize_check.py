@@ -9,8 +9,10 @@ ellipse), the copy JPEG-encoded at quality 95 and decoded, then the reference de
 defaults looks for faces again. Printed per mode:
 - found: the share of annotated faces >= 20 px high that a reference detection matches (IoU >= 0.5)
   in the copies (goal < 2%), beside the same share in the originals;
-- visible: the share of annotated faces (>= 20 px high, and all) whose box is less than half covered
-  by a mask;
+- visible: the share of annotated faces (>= 20 px high, all, and those each WIDER setting counts:
+  easy, medium, hard) whose box is less than half covered by a mask;
+- with facenet-pytorch's environment (--reference-python, see benchmarks/README.md): the share of
+  faces >= 20 px that the reference itself finds in the copies, as written (JPEG files);
 - outside: the mean absolute difference (0-255) of the pixels outside every mask, copy against
   original (re-encoding only);
 - WIDER AP (easy / medium / hard) and recall of the recall defaults against annotate's defaults on
@@ -23,6 +25,7 @@ start to exit (Ray start-up included in all three); ratio anonymize / annotate (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_WIDER = ROOT.parent / "shared" / "data" / "wider_face_val_dev"
+SETTINGS = ("easy", "medium", "hard")
 
 
 def iou(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -61,7 +65,21 @@ def mask_raster(shape, boxes: np.ndarray, settings) -> np.ndarray:
     return hide_faces(blank, boxes, replace(settings, mode="solid"))[..., 0] == 0
 
 
-def privacy(wider: Path, limit: int, modes: list[str]) -> None:
+def facenet_found(reference_python: str, copies: dict[str, Path], big_truth: dict[str, np.ndarray]) -> int:
+    """How many of the >= 20 px annotated faces facenet-pytorch (the reference, in its own venv)
+    finds (IoU >= 0.5) in the copies {image name: file}."""
+    script = Path(__file__).parent / "reference" / "facenet_detect.py"
+    names = list(copies)
+    out = subprocess.run([reference_python, str(script), *[str(copies[n]) for n in names]], capture_output=True,
+                         text=True, check=True).stdout
+    found = 0
+    for name, line in zip(names, out.strip().splitlines()):
+        boxes = np.asarray(json.loads(line)["boxes"], np.float64).reshape(-1, 4)
+        found += int((iou(boxes, big_truth[name]).max(axis=1, initial=0) >= 0.5).sum())
+    return found
+
+
+def privacy(wider: Path, limit: int, modes: list[str], reference_python: str | None) -> None:
     from dataclasses import replace
 
     from jobs.inputs.decode import decode_image
@@ -75,8 +93,13 @@ def privacy(wider: Path, limit: int, modes: list[str]) -> None:
     truth = truth.subset(names)
     recall_detector, reference = FaceDetector(config=_recall_detector()), FaceDetector()
     found_recall, found_reference = {}, {}
-    totals = {mode: {"found": 0, "visible20": 0, "visible": 0, "outside": []} for mode in modes}
+    totals = {mode: {"found": 0, "visible20": 0, "visible": 0, "outside": [],
+                     **{f"visible_{s}": 0 for s in SETTINGS}} for mode in modes}
     big_total = all_total = found_original = 0
+    setting_total = dict.fromkeys(SETTINGS, 0)
+    scratch = Path(tempfile.mkdtemp(prefix="anonymize-check-"))
+    copies: dict[str, dict[str, Path]] = {mode: {} for mode in modes}
+    big_truth: dict[str, np.ndarray] = {}
     started = time.perf_counter()
     for number, name in enumerate(names):
         data = Path(truth.image_path(name)).read_bytes()
@@ -89,10 +112,18 @@ def privacy(wider: Path, limit: int, modes: list[str]) -> None:
         big = (gt[:, 3] - gt[:, 1]) >= 20
         big_total += int(big.sum())
         all_total += len(gt)
+        big_truth[name] = gt[big]
+        for setting in SETTINGS:
+            setting_total[setting] += len(truth.counted[setting][number])
         found_original += int((iou(plain.boxes, gt[big]).max(axis=1, initial=0) >= 0.5).sum())
         for mode in modes:
             settings = MaskSettings(mode=mode)
-            copy = decode_image(encode_image(hide_faces(image, hits.boxes, settings), data, ".jpg", settings))
+            encoded = encode_image(hide_faces(image, hits.boxes, settings), data, ".jpg", settings)
+            copy = decode_image(encoded)
+            if reference_python:
+                copies[mode][name] = scratch / mode / f"{number:05d}.jpg"
+                copies[mode][name].parent.mkdir(parents=True, exist_ok=True)
+                copies[mode][name].write_bytes(encoded)
             again = reference.detect([copy])[0]
             totals[mode]["found"] += int((iou(again.boxes, gt[big]).max(axis=1, initial=0) >= 0.5).sum())
             raster = mask_raster(image.shape, hits.boxes, replace(settings))
@@ -101,6 +132,9 @@ def privacy(wider: Path, limit: int, modes: list[str]) -> None:
             covered = np.nan_to_num(covered)
             totals[mode]["visible20"] += int(((covered < 0.5) & big).sum())
             totals[mode]["visible"] += int((covered < 0.5).sum())
+            for setting in SETTINGS:
+                counted = truth.counted[setting][number]
+                totals[mode][f"visible_{setting}"] += int((covered[counted] < 0.5).sum())
             if (~raster).any():
                 totals[mode]["outside"].append(float(np.abs(copy.astype(np.int16) - image)[~raster].mean()))
         if (number + 1) % 25 == 0:
@@ -113,6 +147,13 @@ def privacy(wider: Path, limit: int, modes: list[str]) -> None:
         print(f"{mode:8s} found in copies {t['found'] / big_total:.2%} ({t['found']}/{big_total}); left visible "
               f"{t['visible20'] / big_total:.1%} of >= 20 px, {t['visible'] / all_total:.1%} of all; pixels outside "
               f"masks: mean abs difference {np.mean(t['outside']):.2f}", flush=True)
+        shares = ", ".join(f"{s} {t[f'visible_{s}'] / max(1, setting_total[s]):.1%} of {setting_total[s]}"
+                           for s in SETTINGS)
+        print(f"{'':8s} faces left visible (less than half covered) per WIDER setting: {shares}", flush=True)
+        if reference_python:
+            found = facenet_found(reference_python, copies[mode], big_truth)
+            print(f"{'':8s} facenet-pytorch (the reference) finds {found / big_total:.2%} ({found}/{big_total}) of the "
+                  f">= 20 px faces in the copies", flush=True)
     for label, found in (("recall defaults (min face 14, 0.6/0.6/0.6)", found_recall),
                          ("annotate defaults (min face 20, 0.6/0.7/0.7)", found_reference)):
         result = evaluate_wider(found, truth)
@@ -159,12 +200,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=80, help="images for the job timings")
     parser.add_argument("--skip-privacy", action="store_true")
     parser.add_argument("--skip-jobs", action="store_true")
+    parser.add_argument("--reference-python", default="/opt/refvenv/bin/python", help=(
+        "facenet-pytorch's environment (benchmarks/README.md): it also looks for faces in the copies"))
     args = parser.parse_args()
     cv2.setNumThreads(1)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{os.cpu_count()} CPUs ({cpu}), load average {os.getloadavg()[0]:.1f}", flush=True)
     if not args.skip_privacy:
-        privacy(args.wider, args.limit, args.modes.split(","))
+        reference = args.reference_python if Path(args.reference_python).exists() else None
+        if reference is None:
+            print(f"no {args.reference_python}: facenet-pytorch's figures left out", flush=True)
+        privacy(args.wider, args.limit, args.modes.split(","), reference)
     if not args.skip_jobs:
         jobs(args.wider, args.jobs)
 

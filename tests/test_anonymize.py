@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -179,20 +183,6 @@ def test_a_resumed_run_writes_no_file_twice(run, photos):
     assert after == {p: v for p, v in files.items() if p.name != "_lease.json"}
 
 
-def test_a_grown_folder_gets_only_its_new_images_written(ray_session, photos, tmp_path):
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    shutil.copy(photos / "people" / "astronaut.png", folder / "a.png")
-    anonymize(AnonymizeConfig(str(folder), str(out), show_progress=False))
-    first = (out / "a.png").stat()
-    shutil.copy(photos / "people" / "rotated.jpg", folder / "b.jpg")
-    summary = anonymize(AnonymizeConfig(str(folder), str(out), show_progress=False))
-    assert (summary.skipped, summary.images) == (1, 1)
-    assert ((out / "a.png").stat().st_ino, (out / "a.png").stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
-    rows = by_name(read_record(str(out)))
-    assert sorted(rows) == ["a.png", "b.jpg"] and (out / "b.jpg").is_file()
-
-
 def test_other_settings_are_refused_and_output_inside_input_too(run, photos):
     out, _, _ = run
     with pytest.raises(ValueError, match="other settings.*mode"):
@@ -318,3 +308,38 @@ def test_flags_come_from_the_config_with_recall_defaults():
     assert config.annotations == "runs/faces" and config.detector.min_face_size == 20
     with pytest.raises(ValueError, match="--mask-scale"):
         MaskSettings(mask_scale=0.5)
+
+
+# -- a killed driver ------------------------------------------------------------------------------
+
+def test_a_driver_killed_mid_run_then_rerun_gives_one_row_per_input_and_rewrites_no_recorded_copy(
+        ray_session, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for index in range(32):  # hard links of one photo with a face
+        os.link(DATA / "astronaut.png", folder / f"img {index:03d}.png")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "anonymize", str(folder), str(out), "--batch-size",
+                            "2", "--rows-per-file", "4", "--concurrency", "1"], cwd=ROOT, env=environment,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not committed_parts(str(out)) and job.poll() is None:
+        assert time.monotonic() < deadline, "timed out waiting for a first committed part"
+        time.sleep(0.1)
+    assert job.poll() is None, job.communicate()[1][-2000:]
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    recorded = read_record(str(out))
+    assert 0 < recorded.num_rows < 32
+    # The copies whose rows were committed before the kill, as they are on disk.
+    before = {row["output_path"]: (os.stat(row["output_path"]).st_ino, os.stat(row["output_path"]).st_mtime_ns)
+              for row in recorded.to_pylist()}
+
+    # The rerun takes the dead driver's lease (same host, its process gone) and does the rest.
+    summary = anonymize(AnonymizeConfig(str(folder), str(out), batch_size=4, show_progress=False))
+    rows = read_record(str(out)).to_pylist()
+    assert summary.skipped == recorded.num_rows and summary.images == 32 - recorded.num_rows
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in folder.iterdir())  # each once
+    assert all(row["error"] is None and row["faces_hidden"] == 1 for row in rows)
+    assert {path: (os.stat(path).st_ino, os.stat(path).st_mtime_ns) for path in before} == before
+    assert sorted(p.name for p in out.glob("img *.png")) == sorted(p.name for p in folder.iterdir())

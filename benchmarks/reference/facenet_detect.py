@@ -22,6 +22,7 @@ for path in sys.argv[1:]:
     print(json.dumps({
         "path": path, "width": image.width, "height": image.height,
         "boxes": np.round(np.asarray(boxes, dtype=np.float64), 3).tolist(),
-        "scores": [round(float(s), 6) for s in (scores if scores is not None else [])],
+        # No face: facenet-pytorch gives boxes None and scores [None].
+        "scores": [round(float(s), 6) for s in (scores if len(boxes) else [])],
         "landmarks": np.round(np.asarray(points, dtype=np.float64), 3).tolist() if points is not None else [],
     }))
