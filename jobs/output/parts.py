@@ -71,25 +71,34 @@ def commit_file(output: str, name: str, data: bytes, storage_options: dict | Non
     """Write data as OUTPUT/name atomically; the file's full path."""
     fs, root = filesystem(output, storage_options)
     final = join(root, name)
-    if is_remote(output):
-        fs.pipe_file(final, data)
-        return final
-    temporary = join(root, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    write_whole(fs, final, data, is_remote(output))
+    if not is_remote(output):
+        _fsync_folder(root)
+    return final
+
+
+def write_whole(fs, target: str, data: bytes, remote: bool) -> None:
+    """target written whole or not at all: one PUT on object stores; locally a hidden temporary
+    beside it (its folder made if need be), fsynced, then renamed into place."""
+    if remote:
+        fs.pipe_file(target, data)
+        return
+    folder, name = os.path.split(target)
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, final)
+        os.replace(temporary, target)
     except BaseException:
-        # A full disk or an interrupt: the half-written temporary goes, the old part (if any) stays.
+        # A full disk or an interrupt: the half-written temporary goes, the old file (if any) stays.
         try:
             os.remove(temporary)
         except OSError:
             pass
         raise
-    _fsync_folder(root)
-    return final
 
 
 def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:

@@ -29,7 +29,7 @@ from jobs.inputs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from jobs.inputs.reading import ReadFailure, ReadPolicy, first_line, read_image
 from jobs.inputs.sources import ListingShard, plan_shards
 from jobs.output import CommitBuffer, OutputError, OutputMode, PartsOutput, StorePatience, part_name
-from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, JobStopped, Journal, RunPlan, connect,
+from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, JobStopped, Journal, RunPlan, RunSummary, connect,
                                       image_source, row_urls, start_run, unlisted_reasons)
 from jobs.runtime.data_context import ray_data_context
 from jobs.runtime.progress import ProgressLine
@@ -136,33 +136,15 @@ class AnnotateConfig:
 
 
 @dataclass
-class AnnotateSummary:
-    """What a run did."""
-
-    listed: int = 0
-    skipped: int = 0
-    repeated: int = 0
-    images: int = 0
-    faces: int = 0
-    errors: int = 0
-    transient: int = 0
-    seconds: float = 0.0
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        """Images annotated per wall-clock second of the run, start-up included."""
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+class AnnotateSummary(RunSummary):
+    """What an annotate run did."""
 
     def line(self) -> str:
         """One-line report for the end of a run."""
         again = f", {self.repeated} listed twice" if self.repeated else ""
-        text = (f"annotated {self.images} images ({self.skipped} already done{again}), {self.faces} faces, "
+        return (f"annotated {self.images} images ({self.skipped} already done{again}), {self.faces} faces, "
                 f"{self.errors} errors, {self.images_per_second:.2f} images/s "
-                f"in {self.seconds:.1f} s; {len(self.files)} files written")
-        if self.transient:
-            text += f"; {self.transient} transient errors will be retried by the next run"
-        return text
+                f"in {self.seconds:.1f} s; {len(self.files)} files written{self.retry_note()}")
 
 
 # -- workers ---------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import os
 import posixpath
 import struct
 import time
-import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -47,10 +46,10 @@ from jobs.inputs.reading import ReadFailure, ReadPolicy, first_line, read_image,
 from jobs.inputs.sources import plan_shards
 from jobs.inputs.stored_weights import load_weights_from
 from jobs.output import CommitBuffer, OutputError, OutputMode, PartsOutput, StorePatience, path_digests
-from jobs.output.parts import committed_parts
+from jobs.output.parts import committed_parts, write_whole
 # The same run machinery as annotate: its streamed listing with resume and claims, its crash
 # journal, its start (resume scan and read probe) and its Ray connection.
-from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, Journal, RunPlan, connect, image_source, row_urls,
+from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, Journal, RunPlan, RunSummary, connect, image_source, row_urls,
                                       start_run, unlisted_reasons)
 from jobs.runtime.data_context import ray_data_context
 from jobs.runtime.progress import ProgressLine
@@ -189,34 +188,17 @@ class AnonymizeConfig:
 
 
 @dataclass
-class AnonymizeSummary:
-    """What a run did."""
+class AnonymizeSummary(RunSummary):
+    """What an anonymize run did."""
 
-    listed: int = 0
-    skipped: int = 0
-    repeated: int = 0
-    images: int = 0
-    faces: int = 0
-    errors: int = 0
-    transient: int = 0
-    seconds: float = 0.0
-    files: list[str] = field(default_factory=list)
     preview: str | None = None
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
         """One-line report for the end of a run."""
         text = (f"anonymized {self.images - self.errors} images ({self.skipped} already done), {self.faces} "
                 f"faces hidden, {self.errors} error rows (no file written), {self.images_per_second:.2f} "
-                f"images/s in {self.seconds:.1f} s; {len(self.files)} record parts written")
-        if self.transient:
-            text += f"; {self.transient} transient errors will be retried by the next run"
-        if self.preview:
-            text += f"; preview {self.preview}"
-        return text
+                f"images/s in {self.seconds:.1f} s; {len(self.files)} record parts written{self.retry_note()}")
+        return text + (f"; preview {self.preview}" if self.preview else "")
 
 
 # -- masks ------------------------------------------------------------------------------------
@@ -451,29 +433,6 @@ def _output_root(output: str, storage_options: dict) -> str:
     return protocol_prefix(output) + root if is_remote(output) else os.path.abspath(root)
 
 
-def write_file(fs, target: str, data: bytes, remote: bool) -> None:
-    """One output file, whole or not at all: a single PUT on object stores; locally a hidden
-    temporary beside it, fsynced, then renamed into place."""
-    if remote:
-        fs.pipe_file(target, data)
-        return
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        try:
-            os.remove(temporary)
-        except OSError:
-            pass
-        raise
-
-
 # -- boxes of an annotate run -----------------------------------------------------------------
 
 @dataclass
@@ -611,7 +570,7 @@ class FaceAnonymizer:
                 encoded = encode_image(hide_faces(image, boxes, self.settings), data,
                                        image_format(data, paths[index]), self.settings)
                 _, inner = filesystem(target, self.storage_options)
-                write_file(self.fs, inner, encoded, self.remote)
+                write_whole(self.fs, inner, encoded, self.remote)
             except Exception as error:  # noqa: BLE001 - one image's failure is its row
                 row.update(error=redact_text(f"writing the copy failed: {type(error).__name__}: {first_line(error)}"),
                            error_kind=TRANSIENT)

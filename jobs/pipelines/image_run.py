@@ -6,7 +6,8 @@
   OUTPUT and the probe of the first reads;
 - image_source(): the listing as a Ray Datasource, each chunk trimmed to the paths this run does;
 - Journal: a batch's entries in the run's crash journal, which turns deaths into crashed rows;
-- row_urls() / unlisted_reasons(): where a listed row is read from, or why it could not be listed.
+- row_urls() / unlisted_reasons(): where a listed row is read from, or why it could not be listed;
+- RunSummary: the counts a run reports at its end.
 
 Each job's config has the fields these read (input, output, storage_options, address, num_gpus,
 retry_errors, read_policy).
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,30 @@ from jobs.pipelines.run_state import MAX_STRIKES, RunState
 PERMANENT, CRASHED = ErrorKind.PERMANENT.value, ErrorKind.CRASHED.value
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts from the run state and the committed parts."""
+
+    listed: int = 0
+    skipped: int = 0
+    repeated: int = 0
+    images: int = 0
+    faces: int = 0
+    errors: int = 0
+    transient: int = 0
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """Images done per wall-clock second of the run, start-up included."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def retry_note(self) -> str:
+        """What the end-of-run line adds when the next run has rows to redo."""
+        return f"; {self.transient} transient errors will be retried by the next run" if self.transient else ""
 
 
 class JobStopped(RuntimeError):
