@@ -343,3 +343,38 @@ def test_a_driver_killed_mid_run_then_rerun_gives_one_row_per_input_and_rewrites
     assert all(row["error"] is None and row["faces_hidden"] == 1 for row in rows)
     assert {path: (os.stat(path).st_ino, os.stat(path).st_mtime_ns) for path in before} == before
     assert sorted(p.name for p in out.glob("img *.png")) == sorted(p.name for p in folder.iterdir())
+    # What the killed run's workers left half-written was in one scratch folder, swept by the rerun.
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name == "_anonymize_tmp"]
+
+
+# -- memory, as annotate ----------------------------------------------------------------------------
+
+def test_an_image_that_does_not_fit_the_memory_budget_is_detected_shrunk_and_masked_in_full(tmp_path):
+    from jobs.inputs.reading import ReadFailure, ReadPolicy
+    from jobs.pipelines.anonymize import FaceAnonymizer
+    from jobs.pipelines.image_run import detection_scale
+    from mtcnn import DetectorConfig, estimate_peak_bytes, load_weights, shrunk
+
+    image = cv2.cvtColor(cv2.imread(str(DATA / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    height, width = image.shape[:2]
+    config = DetectorConfig()
+    full = estimate_peak_bytes(height, width, config)
+    # The rule annotate and anonymize share: a budget under the full-size estimate gives a copy that fits.
+    budget = int(0.9 * full)
+    scale = detection_scale(height, width, config, budget, None)
+    assert scale < 1 and estimate_peak_bytes(*shrunk(image, scale).shape[:2], config) <= budget
+    assert detection_scale(height, width, config, None, 256) == 0.5
+    with pytest.raises(ReadFailure) as failure:
+        detection_scale(height, width, config, 1000, None)
+    assert failure.value.kind == "transient" and "--memory-per-actor" in failure.value.reason
+
+    worker = FaceAnonymizer(load_weights("reference"), config, use_gpu=False, threads=1, settings=MaskSettings(),
+                            storage_options={}, policy=ReadPolicy(), output=str(tmp_path), base="/", lease=None)
+    exact = worker._faces([image], ["a.png"])[0]
+    worker.budget = budget
+    fitted, starved = worker._faces([image, image], ["a.png", "b.png"])[0], None
+    worker.budget = 1000
+    starved = worker._faces([image], ["b.png"])[0]
+    # Found on the shrunk copy, the box is in the full image's pixels, where the mask is drawn.
+    assert len(exact) == len(fitted) == 1 and np.abs(fitted[0] - exact[0]).max() < 0.1 * width
+    assert isinstance(starved, tuple) and starved[1] == "transient"

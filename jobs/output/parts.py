@@ -77,15 +77,18 @@ def commit_file(output: str, name: str, data: bytes, storage_options: dict | Non
     return final
 
 
-def write_whole(fs, target: str, data: bytes, remote: bool) -> None:
+def write_whole(fs, target: str, data: bytes, remote: bool, scratch: str | None = None) -> None:
     """target written whole or not at all: one PUT on object stores; locally a hidden temporary
-    beside it (its folder made if need be), fsynced, then renamed into place."""
+    beside it, or in scratch (a folder on the same file system, which a job can sweep), fsynced,
+    then renamed into place (folders made if need be)."""
     if remote:
         fs.pipe_file(target, data)
         return
     folder, name = os.path.split(target)
     os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    if scratch is not None:
+        os.makedirs(scratch, exist_ok=True)
+    temporary = os.path.join(scratch or folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)

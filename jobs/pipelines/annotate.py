@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtcnn import Detections, DetectorConfig, FaceDetector, estimate_peak_bytes, in_original, scale_to_fit, shrunk
+from mtcnn import Detections, DetectorConfig, FaceDetector, estimate_peak_bytes, in_original, shrunk
 from mtcnn.weights import CascadeWeights
 
 from jobs.common.redaction import redact, redact_text
@@ -30,6 +30,7 @@ from jobs.inputs.reading import ReadFailure, ReadPolicy, first_line, read_image
 from jobs.inputs.sources import ListingShard, plan_shards
 from jobs.output import CommitBuffer, OutputError, OutputMode, PartsOutput, StorePatience, part_name
 from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, JobStopped, Journal, RunPlan, RunSummary, connect,
+                                      detection_budget, detection_scale,
                                       image_source, row_urls, start_run, unlisted_reasons)
 from jobs.runtime.data_context import ray_data_context
 from jobs.runtime.progress import ProgressLine
@@ -228,68 +229,6 @@ class _Image:
     cost: int = 0
 
 
-def detection_budget(memory_per_actor: int | None) -> int:
-    """Bytes this actor's detector calls may add: memory_per_actor, or by default this actor's CPU
-    share of the memory its node (or container) has, less what the process holds already."""
-    if memory_per_actor:
-        return max(0, memory_per_actor - _resident_bytes())
-    limit = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), _cgroup_memory_limit())
-    share = 1.0
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            raise RuntimeError("outside Ray")
-        context = ray.get_runtime_context()
-        mine = context.get_assigned_resources().get("CPU", 0.0)
-        total = next((node["Resources"].get("CPU", 0.0) for node in ray.nodes()
-                      if node["NodeID"] == context.get_node_id()), 0.0)
-        if mine and total:
-            share = min(1.0, mine / total)
-    except Exception:  # noqa: BLE001 - outside Ray (tests, tools): the whole machine
-        pass
-    # 80%: the rest of the node (Ray's own processes, decode tasks, the page cache) needs some too.
-    return max(0, int(0.8 * limit * share) - _resident_bytes())
-
-
-def _cgroup_memory_limit() -> int:
-    """The smallest memory limit of this process's cgroup and its ancestors (v1 or v2), or a huge
-    number where there is none: a container's or a job scheduler's limit is the one that kills."""
-    limit = 1 << 62
-    try:
-        with open("/proc/self/cgroup") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return limit
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            folder, name = "/sys/fs/cgroup", "memory.max"  # v2
-        elif "memory" in controllers.split(","):
-            folder, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"  # v1
-        else:
-            continue
-        parts = [part for part in path.split("/") if part]
-        for depth in range(len(parts), -1, -1):
-            try:
-                with open(os.path.join(folder, *parts[:depth], name)) as handle:
-                    text = handle.read().strip()
-            except OSError:
-                continue
-            if text.isdigit():
-                limit = min(limit, int(text))
-    return limit
-
-
-def _resident_bytes() -> int:
-    """This process's resident memory (0 where /proc is not there to say)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 class FaceAnnotator:
     """Ray Data actor: builds the detector once, then annotates batches of images."""
 
@@ -383,14 +322,7 @@ class FaceAnnotator:
         """The image as it will be detected: shrunk to --max-side, and to what fits the memory budget."""
         height, width = image.shape[:2]
         config = self.detector.config
-        scale = min(1.0, self.max_side / max(height, width)) if self.max_side else 1.0
-        if self.budget is not None:
-            try:
-                scale = min(scale, scale_to_fit(height, width, config, self.budget))
-            except ValueError:
-                raise ReadFailure(f"detecting a {width}x{height} image needs more memory than this worker has "
-                                  f"({self.budget / 2**20:.0f} MB for detection) even shrunk to the smallest "
-                                  "face; give the actors more memory (--memory-per-actor)", TRANSIENT) from None
+        scale = detection_scale(height, width, config, self.budget, self.max_side)
         pixels = shrunk(image, scale)
         cost = estimate_peak_bytes(*pixels.shape[:2], config) if self.budget is not None else 0
         return _Image(index, pixels, (height, width), scale, cost)

@@ -23,6 +23,7 @@ import html
 import logging
 import os
 import posixpath
+import shutil
 import struct
 import time
 import zlib
@@ -49,7 +50,8 @@ from jobs.output import CommitBuffer, OutputError, OutputMode, PartsOutput, Stor
 from jobs.output.parts import committed_parts, write_whole
 # The same run machinery as annotate: its streamed listing with resume and claims, its crash
 # journal, its start (resume scan and read probe) and its Ray connection.
-from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, Journal, RunPlan, RunSummary, connect, image_source, row_urls,
+from jobs.pipelines.image_run import (PATH_BLOCK_BYTES, SPLIT_BLOCKS, Journal, RunPlan, RunSummary, detection_budget,
+                                      detection_scale, connect, image_source, row_urls,
                                       start_run, unlisted_reasons)
 from jobs.runtime.data_context import ray_data_context
 from jobs.runtime.progress import ProgressLine
@@ -72,6 +74,9 @@ BLUR_CELLS = 3
 PIXELATE_CELLS = 4
 #: Same-format encoding per file signature: (OpenCV extension, parameters).
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Below a local OUTPUT: where copies are written before they are renamed into place, so that what
+#: a killed worker leaves is in one folder, swept when the next run holds the lease.
+SCRATCH = "_anonymize_tmp"
 
 RECORD_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),      # the input as listed, minus credentials
@@ -155,6 +160,10 @@ class AnonymizeConfig:
     max_side: int | None = field(default=None, metadata={"help": (
         "detect on a copy shrunk so its longer side is at most this (faster on huge images; faces under "
         "min-face-size / scale are missed); the mask is drawn on the full image")})
+    memory_per_actor: int | None = field(default=None, metadata={"help": (
+        "bytes of memory an actor may use (default: its CPU share of its node's or container's memory); "
+        "an image whose detection would need more is detected on a shrunk copy, as in annotate; the "
+        "mask is drawn on the full image")})
     pixels_in_flight: int = field(default=64_000_000, metadata={
         "help": "decoded pixels an actor holds at once"})
     rows_per_file: int = field(default=4096, metadata={"help": "rows per Parquet part of the record"})
@@ -489,21 +498,26 @@ class FaceAnonymizer:
     def __init__(self, weights: CascadeWeights | None, detector: DetectorConfig, use_gpu: bool, threads: int,
                  settings: MaskSettings, storage_options: dict, policy: ReadPolicy, output: str, base: str,
                  lease, boxes=None, state=None, max_side: int | None = None,
-                 pixels_in_flight: int = 64_000_000) -> None:
+                 pixels_in_flight: int = 64_000_000, memory_per_actor: int | None = None) -> None:
         import ray
         import torch
 
         cv2.setNumThreads(1)
-        self.detector = None
+        self.detector, self.budget = None, None
         if weights is not None:
             device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
             if device == "cpu":
                 torch.set_num_threads(threads)
             self.detector = FaceDetector(weights, device=device, config=detector)
+            # annotate's rule: on CPUs each detection fits the actor's memory, shared by the images its
+            # threads detect at once; GPU memory is not what the estimate models.
+            if device == "cpu":
+                self.budget = detection_budget(memory_per_actor) // max(1, threads)
         self.boxes = ray.get(boxes) if isinstance(boxes, ray.ObjectRef) else boxes
         self.settings, self.storage_options, self.policy = settings, storage_options, policy
         self.output, self.base, self.lease, self.state = output, base, lease, state
         self.remote = is_remote(output)
+        self.scratch = None if self.remote else os.path.join(output, SCRATCH)
         self.fs, _ = filesystem(output, storage_options)
         self.max_side, self.pixels_in_flight = max_side, pixels_in_flight
 
@@ -570,7 +584,7 @@ class FaceAnonymizer:
                 encoded = encode_image(hide_faces(image, boxes, self.settings), data,
                                        image_format(data, paths[index]), self.settings)
                 _, inner = filesystem(target, self.storage_options)
-                write_whole(self.fs, inner, encoded, self.remote)
+                write_whole(self.fs, inner, encoded, self.remote, self.scratch)
             except Exception as error:  # noqa: BLE001 - one image's failure is its row
                 row.update(error=redact_text(f"writing the copy failed: {type(error).__name__}: {first_line(error)}"),
                            error_kind=TRANSIENT)
@@ -593,8 +607,14 @@ class FaceAnonymizer:
                 else:
                     results.append(entry[0])
             return results
-        scaled = [shrunk(image, min(1.0, self.max_side / max(image.shape[:2]))) if self.max_side else image
-                  for image in images]
+        config, scaled, failed = self.detector.config, [], {}
+        for index, image in enumerate(images):
+            try:
+                scale = detection_scale(*image.shape[:2], config, self.budget, self.max_side)
+            except ReadFailure as failure:
+                # Its row is this error; a tiny stand-in keeps the call's images in step.
+                failed[index], scale = (failure.reason, failure.kind), min(1.0, 64 / max(image.shape[:2]))
+            scaled.append(shrunk(image, scale))
         try:
             found = self.detector.detect(scaled)
         except Exception:  # noqa: BLE001 - one at a time, to find the culprit
@@ -605,6 +625,7 @@ class FaceAnonymizer:
                 except Exception as error:  # noqa: BLE001 - its row says so
                     found.append((redact_text(f"detection failed: {type(error).__name__}: {first_line(error)}"),
                                   TRANSIENT))
+        found = [failed.get(index, f) for index, f in enumerate(found)]
         return [f if isinstance(f, tuple) else in_original(f, image.shape[:2], small.shape[:2]).boxes
                 for f, image, small in zip(found, images, scaled)]
 
@@ -657,9 +678,15 @@ def anonymize(config: AnonymizeConfig, on_rows: Callable[[AnonymizeSummary], Non
     resources = connect(config)
     output.open()
     summary = AnonymizeSummary()
+    scratch = None if is_remote(config.output) else os.path.join(_output_root(config.output, config.storage_options),
+                                                                   SCRATCH)
     try:
+        if scratch:  # the lease is ours: what is left there is from killed workers of earlier runs
+            shutil.rmtree(scratch, ignore_errors=True)
         state = start_run(config, plan)
         _stream(config, plan, base, boxes, resources, state, summary, on_rows)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     finally:
         output.close()
         summary.seconds = time.perf_counter() - started
@@ -698,7 +725,8 @@ def _stream(config: AnonymizeConfig, plan: RunPlan, base: str, boxes: BoxIndex |
                 "settings": config.masks, "storage_options": config.storage_options, "policy": config.read_policy,
                 "output": _output_root(config.output, config.storage_options), "base": base,
                 "lease": plan.output.lease.fence(), "boxes": ray.put(boxes) if boxes is not None else None,
-                "state": state, "max_side": config.max_side, "pixels_in_flight": config.pixels_in_flight})
+                "state": state, "max_side": config.max_side, "pixels_in_flight": config.pixels_in_flight,
+                "memory_per_actor": config.memory_per_actor})
         progress = ProgressLine(state, summary, config.show_progress, on_rows)
         progress.start()
         try:

@@ -7,7 +7,9 @@
 - image_source(): the listing as a Ray Datasource, each chunk trimmed to the paths this run does;
 - Journal: a batch's entries in the run's crash journal, which turns deaths into crashed rows;
 - row_urls() / unlisted_reasons(): where a listed row is read from, or why it could not be listed;
-- RunSummary: the counts a run reports at its end.
+- RunSummary: the counts a run reports at its end;
+- detection_budget() / detection_scale(): the memory a worker's detector calls may use, and the scale
+  an image is detected at to fit it (and --max-side).
 
 Each job's config has the fields these read (input, output, storage_options, address, num_gpus,
 retry_errors, read_policy).
@@ -16,21 +18,24 @@ retry_errors, read_policy).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from mtcnn import DetectorConfig, scale_to_fit
 from mtcnn.weights import CascadeWeights
 
 from jobs.common.redaction import public_path
 from jobs.common.schema import ErrorKind
+from jobs.inputs.reading import ReadFailure
 from jobs.inputs.sources import CHUNK_PATHS, ListingShard, Unlisted
 from jobs.output import OutputError, OutputFull, PartsOutput, StoreUnavailable, part_name, path_digests
 from jobs.pipelines.run_state import MAX_STRIKES, RunState
 
-PERMANENT, CRASHED = ErrorKind.PERMANENT.value, ErrorKind.CRASHED.value
+PERMANENT, TRANSIENT, CRASHED = (kind.value for kind in ErrorKind)
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +239,82 @@ def start_run(config, plan: RunPlan):
     if reason is not None:
         raise JobStopped(f"{public_path(config.input)}: {reason}. Nothing was marked done")
     return state
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+def detection_budget(memory_per_actor: int | None) -> int:
+    """Bytes this actor's detector calls may add: memory_per_actor, or by default this actor's CPU
+    share of the memory its node (or container) has, less what the process holds already."""
+    if memory_per_actor:
+        return max(0, memory_per_actor - _resident_bytes())
+    limit = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), _cgroup_memory_limit())
+    share = 1.0
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("outside Ray")
+        context = ray.get_runtime_context()
+        mine = context.get_assigned_resources().get("CPU", 0.0)
+        total = next((node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+                      if node["NodeID"] == context.get_node_id()), 0.0)
+        if mine and total:
+            share = min(1.0, mine / total)
+    except Exception:  # noqa: BLE001 - outside Ray (tests, tools): the whole machine
+        pass
+    # 80%: the rest of the node (Ray's own processes, decode tasks, the page cache) needs some too.
+    return max(0, int(0.8 * limit * share) - _resident_bytes())
+
+
+def _cgroup_memory_limit() -> int:
+    """The smallest memory limit of this process's cgroup and its ancestors (v1 or v2), or a huge
+    number where there is none: a container's or a job scheduler's limit is the one that kills."""
+    limit = 1 << 62
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return limit
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder, name = "/sys/fs/cgroup", "memory.max"  # v2
+        elif "memory" in controllers.split(","):
+            folder, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"  # v1
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(folder, *parts[:depth], name)) as handle:
+                    text = handle.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                limit = min(limit, int(text))
+    return limit
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is not there to say)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def detection_scale(height: int, width: int, config: DetectorConfig, budget: int | None,
+                    max_side: int | None) -> float:
+    """The scale an image is detected at: 1, or less to fit max_side and the memory budget (None: no
+    budget, as on GPUs). Raises a transient ReadFailure when even the smallest useful copy does not fit."""
+    scale = min(1.0, max_side / max(height, width)) if max_side else 1.0
+    if budget is not None:
+        try:
+            scale = min(scale, scale_to_fit(height, width, config, budget))
+        except ValueError:
+            raise ReadFailure(f"detecting a {width}x{height} image needs more memory than this worker has "
+                              f"({budget / 2**20:.0f} MB for detection) even shrunk to the smallest face; "
+                              "give the actors more memory (--memory-per-actor)", TRANSIENT) from None
+    return scale
