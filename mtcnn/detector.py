@@ -227,37 +227,45 @@ class FaceDetector:
         if up_to not in STAGE_NAMES[:-1]:
             raise ValueError(f"up_to must be 'pnet' or 'rnet', got {up_to!r}")
         self._require(up_to)
-        return self._run(_as_image_list(images), lambda rgb: self._propose_together(rgb, up_to))
+        return self._run(_as_image_list(images), lambda rgb, pool: self._propose_together(rgb, up_to, pool))
 
     def _run(self, rgb: list[np.ndarray], together) -> list[Detections]:
-        """together(rgb) for all images at once, or on CPUs image by image over threads."""
+        """together(rgb) for all images at once, or on CPUs image by image over threads.
+
+        On CPUs with several threads, one image alone is split instead: its pyramid levels and
+        its R-Net / O-Net window chunks go over the threads, each single-threaded, so a caller
+        with one frame at a time (video) gets the cores too.
+        """
         if not rgb:
             return []
-        if len(rgb) == 1 or not (self._host_kernels and self.config.concurrent_images):
-            return together(rgb)
-        workers = min(len(rgb), torch.get_num_threads())
-        if workers == 1:
-            return [result for image in rgb for result in together([image])]
+        threads = torch.get_num_threads()
+        if not (self._host_kernels and self.config.concurrent_images) or threads == 1:
+            return together(rgb, None)
+        if len(rgb) == 1:
+            with _single_threaded_ops(), ThreadPoolExecutor(threads, thread_name_prefix="mtcnn") as pool:
+                return together(rgb, pool)
+        workers = min(len(rgb), threads)
         # Largest images first: the last ones to finish are then small, so threads idle less
         # at the end of a call with mixed sizes.
         order = sorted(range(len(rgb)), key=lambda i: rgb[i].shape[0] * rgb[i].shape[1], reverse=True)
         results: list[Detections | None] = [None] * len(rgb)
         with _single_threaded_ops(), ThreadPoolExecutor(workers, thread_name_prefix="mtcnn") as pool:
-            for index, found in zip(order, pool.map(lambda i: together([rgb[i]])[0], order)):
+            for index, found in zip(order, pool.map(lambda i: together([rgb[i]], None)[0], order)):
                 results[index] = found
         return results
 
-    def _detect_together(self, rgb: list[np.ndarray]) -> list[Detections]:
+    def _detect_together(self, rgb: list[np.ndarray], pool: ThreadPoolExecutor | None) -> list[Detections]:
         with torch.inference_mode():
-            sources = _ImageSources(rgb, self.device, self._host_kernels)
+            sources = _ImageSources(rgb, self.device, self._host_kernels, pool)
             boxes, owners, _ = self._propose(sources)
             boxes, owners, _ = self._refine(sources, boxes, owners)
             boxes, owners, scores, landmarks = self._output(sources, boxes, owners)
         return _split_by_image(len(rgb), boxes, owners, scores, landmarks)
 
-    def _propose_together(self, rgb: list[np.ndarray], up_to: str) -> list[Detections]:
+    def _propose_together(self, rgb: list[np.ndarray], up_to: str,
+                          pool: ThreadPoolExecutor | None) -> list[Detections]:
         with torch.inference_mode():
-            sources = _ImageSources(rgb, self.device, self._host_kernels)
+            sources = _ImageSources(rgb, self.device, self._host_kernels, pool)
             boxes, owners, scores = self._propose(sources)
             if up_to == "rnet":
                 boxes, owners, scores = self._refine(sources, boxes, owners)
@@ -285,7 +293,8 @@ class FaceDetector:
             return empty, torch.zeros(0, dtype=torch.long, device=self.device), empty[:, 0]
         boxes, scores, offsets, owners, levels = (torch.cat(p) for p in zip(*pieces))
         with record_function("mtcnn.nms"):
-            keep = batched_nms(boxes, scores, levels, cfg.level_nms)
+            # Each level's own NMS is done; its windows go in image, then level order.
+            keep = torch.argsort(levels, stable=True)
             boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
             levels = levels[keep]
             if _levels_may_overlap(boxes, levels, owners, cfg.level_nms, cfg.stage_nms[0]):
@@ -299,40 +308,55 @@ class FaceDetector:
         cfg = self.config
         height, width = sources.images[members[0]].shape[:2]
         scales = pyramid_scales(height, width, cfg.min_face_size, cfg.scale_factor)
+        classic_tables = self._host_kernels and cfg.pyramid == "classic"
         levels_per_image = []
         for index in members:
             image = sources.images[index]
             with record_function("mtcnn.pyramid"):
-                if self._host_kernels:
-                    table = sources.table(index) if cfg.pyramid == "classic" else None
-                    levels_per_image.append(build_pyramid(image, scales, cfg.pyramid, table))
+                if classic_tables:
+                    # Each classic level is averaged from the table alone: made with its P-Net pass.
+                    table = sources.table(index)
+                    levels_per_image.append([lambda s=scale, i=image, t=table: build_pyramid(i, [s], "classic", t)[0]
+                                             for scale in scales])
+                elif self._host_kernels:
+                    levels_per_image.append(build_pyramid(image, scales, cfg.pyramid))
                 else:
                     full = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
                     levels_per_image.append([level[0].permute(1, 2, 0) for level in
                                              build_pyramid_tensor(full, scales, cfg.pyramid)])
         # P-Net's face probability passes the threshold exactly when its logit passes this.
         threshold_logit = _logit(cfg.thresholds[0])
-        pieces = []
-        for depth, scale in enumerate(scales):
-            batch = torch.stack([levels[depth] for levels in levels_per_image]).to(self.device)
+        owner_ids = torch.tensor(members, device=self.device)
+
+        def level_candidates(depth: int):
+            scale = scales[depth]
+            with record_function("mtcnn.pyramid"):
+                level = [levels[depth]() if classic_tables else levels[depth] for levels in levels_per_image]
+            batch = torch.stack(level).to(self.device)
             # NHWC in memory viewed as NCHW: the channels_last layout the CPU kernels like best.
             batch = batch.permute(0, 3, 1, 2).float()
             with record_function("mtcnn.pnet"):
                 features, logits = self._nets["pnet"](batch)
                 hits = (logits >= threshold_logit).nonzero()
             if len(hits) == 0:
-                continue
+                return None
             member, row, col = hits.unbind(1)
             cell = torch.stack([col, row, col, row], dim=1).float()
             # Window of output cell (row, col): 12 px at stride 2, in the original's 1-based rule.
             boxes = torch.floor((2 * cell + torch.tensor([1.0, 1.0, 12.0, 12.0], device=self.device))
                                 / torch.tensor(scale, dtype=torch.float32))
+            scores = torch.sigmoid(logits[member, row, col])
+            with record_function("mtcnn.nms"):
+                # One NMS per image of this level, done here: levels then run theirs concurrently.
+                keep = batched_nms(boxes, scores, member, self.config.level_nms)
+            member, row, col, boxes, scores = member[keep], row[keep], col[keep], boxes[keep], scores[keep]
             offsets = self._nets["pnet"].box_offsets(features[member, row, col])
-            owners = torch.tensor(members, device=self.device)[member]
-            # One NMS group per (image, level).
+            owners = owner_ids[member]
+            # One group per (image, level) in what follows.
             levels = owners * _LEVELS_PER_IMAGE + depth
-            pieces.append((boxes, torch.sigmoid(logits[member, row, col]), offsets, owners, levels))
-        return pieces
+            return boxes, scores, offsets, owners, levels
+
+        return [piece for piece in sources.map(level_candidates, range(len(scales))) if piece is not None]
 
     # -- stages 2 and 3 -----------------------------------------------------------------
     def _score_windows(self, name: str, sources: "_ImageSources", boxes: torch.Tensor,
@@ -341,20 +365,28 @@ class FaceDetector:
         spec = STAGES[name]
         net = self._nets[name]
         chunk = self._stage_batch_size
-        outputs, valid = [], []
-        # Crop and run one chunk at a time: memory stays bounded and the chunk stays in cache.
-        for start in range(0, len(boxes), chunk):
+        # Windows taken in reading order of each image: a chunk's crops then read neighbouring
+        # rows of the summed-area table (on crowded CPU frames about 1.4x faster cropping). The
+        # results go back to the given order, so what follows sees no difference.
+        order = _reading_order(boxes, owners) if sources.host_kernels else None
+        if order is not None:
+            boxes, owners = boxes[order], owners[order]
+
+        def run_chunk(start: int):
             with record_function("mtcnn.crops"):
                 crops, inside = sources.crops(boxes[start:start + chunk], owners[start:start + chunk],
                                               spec.input_size)
             with record_function(f"mtcnn.{name}"):
-                outputs.append(net(crops))
-            valid.append(inside)
-        scores, offsets, landmarks = (torch.cat(part) if part[0] is not None else None
-                                      for part in zip(*outputs))
+                return net(crops), inside
+
+        # Crop and run one chunk at a time: memory stays bounded and the chunk stays in cache.
+        outputs, valid = zip(*sources.map(run_chunk, range(0, len(boxes), chunk)))
+        scores, offsets, landmarks, inside = (
+            _given_order(torch.cat(part), order) if part[0] is not None else None
+            for part in (*zip(*outputs), valid))
         threshold = self.config.thresholds[spec.order]
         # Crops that fell wholly outside the image are dropped with the low scores.
-        passed = (scores > threshold) & torch.cat(valid)
+        passed = (scores > threshold) & inside
         return passed, scores, offsets, landmarks
 
     def _refine(self, sources: "_ImageSources", boxes: torch.Tensor, owners: torch.Tensor):
@@ -421,11 +453,24 @@ def _as_image_list(images) -> list[np.ndarray]:
 class _ImageSources:
     """Images of one call, with summed-area tables made once per image on demand for cropping."""
 
-    def __init__(self, images: list[np.ndarray], device: torch.device, host_kernels: bool) -> None:
+    def __init__(self, images: list[np.ndarray], device: torch.device, host_kernels: bool,
+                 pool: ThreadPoolExecutor | None = None) -> None:
         self.images = images
         self.device = device
         self.host_kernels = host_kernels
+        self._pool = pool
         self._tables: dict[int, torch.Tensor] = {}
+
+    def map(self, work, items) -> list:
+        """[work(item) for item in items], over the call's threads where it has them (in order)."""
+        items = list(items)
+        if self._pool is None or len(items) < 2:
+            return [work(item) for item in items]
+        def in_worker(item):
+            with torch.inference_mode():  # a per-thread mode: the pool's threads need their own
+                return work(item)
+
+        return list(self._pool.map(in_worker, items))
 
     def table(self, index: int) -> torch.Tensor:
         """Summed-area table of image index on the device."""
@@ -454,6 +499,21 @@ class _ImageSources:
         if self.host_kernels:
             crops = crops.contiguous(memory_format=torch.channels_last)
         return crops, torch.cat(valid)
+
+
+def _reading_order(boxes: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    """Permutation of (N, 4) boxes sorted by image, then top edge, then left edge."""
+    key = np.lexsort((boxes[:, 0].numpy(), boxes[:, 1].numpy(), owners.numpy()))
+    return torch.from_numpy(key)
+
+
+def _given_order(values: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """values computed for items[order], put back in the items' own order."""
+    if order is None:
+        return values
+    restored = torch.empty_like(values)
+    restored[order] = values
+    return restored
 
 
 def _split_by_image(count: int, boxes: torch.Tensor, owners: torch.Tensor, scores: torch.Tensor,

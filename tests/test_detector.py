@@ -103,6 +103,38 @@ def test_batches_of_mixed_sizes_give_the_same_results_as_single_images(detector,
     assert np.allclose(batch[2].boxes[0], batch[0].boxes[0] + [90, 40, 90, 40], atol=4.0)
 
 
+@pytest.mark.parametrize("pyramid", ["classic", "dynamic"])
+def test_one_image_over_several_threads_gives_what_one_thread_gives(astronaut, pyramid):
+    """One image a call on a multi-threaded CPU: its levels and window chunks go over the threads."""
+    import threading
+
+    crowd = np.concatenate([np.concatenate([astronaut] * 3, axis=1)] * 2, axis=0)  # six faces
+    detector = FaceDetector(pyramid=pyramid, stage_batch_size=4)
+    workers: set[str] = set()
+    forward = detector._nets["rnet"].forward
+
+    def watched(*args):
+        workers.add(threading.current_thread().name)
+        return forward(*args)
+
+    detector._nets["rnet"].forward = watched
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = detector.detect([crowd])[0]
+        workers.clear()
+        torch.set_num_threads(3)
+        spread = detector.detect([crowd])[0]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert len(alone) == 6
+    assert len([name for name in workers if name.startswith("mtcnn")]) >= 2
+    np.testing.assert_array_equal(spread.boxes, alone.boxes)
+    np.testing.assert_array_equal(spread.scores, alone.scores)
+    np.testing.assert_array_equal(spread.landmarks, alone.landmarks)
+
+
 def test_concurrent_calls_restore_the_thread_count(astronaut):
     """Images of a call run on threads with single-threaded ops; the count comes back after."""
     from concurrent.futures import ThreadPoolExecutor
