@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .allocator import keep_freed_memory
+from .cpu import has_native_bf16
 from .box_coder import crop_regions, decode_boxes, decode_landmarks
 from .boxes import batched_nms, crop_resize, host_integral_image, integral_image, square
 from .inference import ProposalNet, WindowNet
@@ -24,7 +26,7 @@ from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scal
 from .weights import CascadeWeights, load_weights
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 #: Reduced precisions' dtypes; fp16 only on GPUs (CPUs have no fast fp16 convolutions in torch).
 _REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,9 +64,12 @@ class DetectorConfig:
     #: "fp16" does the same in float16, on GPUs only.
     #: Its AP and speed: benchmarks/pyramid_ap.py --precision bf16, benchmarks/detector_speed.py,
     #: benchmarks/gpu_check.py.
+    #: "auto" takes bf16 on CPUs that multiply it in hardware (AVX-512 BF16 or AMX) when a timing
+    #: of the three nets at start-up shows it faster there, and fp32 everywhere else (GPUs included,
+    #: until benchmarks/gpu_check.py has measured a card); FaceDetector.precision says which.
     precision: str = field(default="fp32", metadata={
-        "help": "the nets' arithmetic: fp32 (exact), bf16 (faster on CPUs with AVX-512 BF16 and on GPUs) "
-                "or fp16 (GPUs only)",
+        "help": "the nets' arithmetic: fp32 (exact), bf16 (faster on CPUs with AVX-512 BF16 or AMX, "
+                "slower on others), fp16 (GPUs only), or auto (bf16 where it measures faster, else fp32)",
         "choices": PRECISIONS})
 
     def __post_init__(self) -> None:
@@ -198,16 +203,27 @@ class FaceDetector:
         if self._host_kernels:
             keep_freed_memory()  # large activations reused, not faulted in anew per chunk
         self._stage_batch_size = int(self.config.stage_batch_size or (64 if self._host_kernels else 2048))
+        if self.config.precision == "bf16" and self._host_kernels and not has_native_bf16():
+            warnings.warn("precision 'bf16' on a CPU without bf16 units (AVX-512 BF16 or AMX) is emulated, "
+                          "slower than fp32 here; precision 'auto' picks the faster", stacklevel=2)
+        #: The arithmetic the nets run in: the configured one, or what "auto" chose here.
+        self.precision = self.config.precision
+        if self.precision == "auto":
+            self.precision = _auto_precision(self) if self._host_kernels and has_native_bf16() else "fp32"
+        self._nets = self._build_nets(self.precision)
+
+    def _build_nets(self, precision: str) -> dict[str, torch.nn.Module]:
+        """The inference forms of the weights' stages on the device, in precision."""
         memory_format = torch.channels_last if self._host_kernels else torch.contiguous_format
-        self._nets = {}
+        nets = {}
         for name, stage in self.weights.stages.items():
             net = ProposalNet(stage) if name == "pnet" else WindowNet(stage)
             net = net.to(self.device, memory_format=memory_format).eval()
-            if self.config.precision in _REDUCED:
+            if precision in _REDUCED:
                 # On CPUs through oneDNN's prepacked bf16 modules: eager bf16 there is slower than
                 # fp32 (torch's bf16 PReLU and pooling take scalar paths).
-                dtype = _REDUCED[self.config.precision]
-                self._nets[name] = net.prepack_for_cpu(dtype) if self._host_kernels else net.use_reduced(dtype)
+                dtype = _REDUCED[precision]
+                nets[name] = net.prepack_for_cpu(dtype) if self._host_kernels else net.use_reduced(dtype)
                 continue
             # Prepacked oneDNN weights pay off for the many small window batches, not for P-Net's
             # few large levels (measured slower there).
@@ -215,7 +231,8 @@ class FaceDetector:
                 net.prepack_for_cpu()
             elif self._host_kernels and name == "pnet":
                 net.use_cpu_kernels()
-            self._nets[name] = net
+            nets[name] = net
+        return nets
 
     def detect(self, images) -> list[Detections]:
         """Detect faces in a list of H x W x 3 uint8 RGB images (any sizes, one result each)."""
@@ -414,6 +431,43 @@ class FaceDetector:
             keep = batched_nms(boxes, scores, owners, self.config.stage_nms[2], mode="min",
                                plus_one=True)
         return boxes[keep], owners[keep], scores[keep], landmarks[keep]
+
+
+#: What precision="auto" chose in this process, per torch thread count: timed once.
+_auto_choices: dict[int, str] = {}
+
+
+def _auto_precision(detector: "FaceDetector") -> str:
+    """bf16 if the three nets run at least 5% faster in it than in fp32 on this CPU, else fp32."""
+    threads = torch.get_num_threads()
+    if threads not in _auto_choices:
+        seconds = {precision: _time_nets(detector._build_nets(precision), detector._stage_batch_size)
+                   for precision in ("fp32", "bf16")}
+        _auto_choices[threads] = "bf16" if seconds["bf16"] < 0.95 * seconds["fp32"] else "fp32"
+    return _auto_choices[threads]
+
+
+def _time_nets(nets: dict[str, torch.nn.Module], windows: int) -> float:
+    """Seconds the nets take on one 360 x 640 P-Net level and a chunk of R-Net and O-Net windows
+    (best of three, after a warm-up), on random pixels."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"pnet": (1, 360, 640), "rnet": (windows, 24, 24), "onet": (windows, 48, 48)}
+    total = 0.0
+    with torch.inference_mode():
+        for name, net in nets.items():
+            count, height, width = inputs[name]
+            pixels = (torch.rand((count, 3, height, width), generator=generator) * 255).contiguous(
+                memory_format=torch.channels_last)
+            net(pixels)
+            best = math.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                net(pixels)
+                best = min(best, time.perf_counter() - start)
+            total += best
+    return total
 
 
 _thread_lock = threading.Lock()

@@ -18,7 +18,7 @@ import torch
 from jobs.pipelines.annotate import AnnotateConfig, OutputError, annotate
 from jobs.cli import main
 from jobs.inputs.reading import ReadPolicy
-from jobs.common.schema import read_metadata
+from jobs.common.schema import ANNOTATION_SCHEMA, PRECISION_KEY, read_metadata
 from jobs.common.storage import filesystem
 from mtcnn import DetectorConfig, load_weights
 
@@ -126,6 +126,24 @@ def test_run_metadata_is_in_every_file(first_run):
     assert metadata["detector"]["min_face_size"] == 20.0
     assert metadata["detector"]["thresholds"] == [0.6, 0.7, 0.7]
     assert metadata["max_pixels"] == MAX_PIXELS and metadata["version"] and metadata["created"]
+    for file in files:  # and the arithmetic the rows were detected in, per part
+        schema = pq.read_schema(file)
+        assert schema.metadata[PRECISION_KEY] == b"fp32" and schema.names == ANNOTATION_SCHEMA.names
+
+
+def test_precision_auto_says_in_each_part_which_precision_it_took(ray_session, images, tmp_path):
+    from mtcnn.cpu import has_native_bf16
+
+    output = tmp_path / "faces"
+    config = AnnotateConfig(str(images), str(output), max_pixels=MAX_PIXELS, batch_size=4,
+                            show_progress=False, detector=DetectorConfig(precision="auto"))
+    summary = annotate(config)
+    assert summary.images == 15
+    files = sorted(output.glob("part-*.parquet"))
+    assert read_metadata(pq.read_schema(files[0]))["detector"]["precision"] == "auto"
+    used = {pq.read_schema(file).metadata[PRECISION_KEY] for file in files}
+    # Without bf16 units auto is fp32; with them the start-up timing decides (either is fine).
+    assert used == {b"fp32"} if not has_native_bf16() else used <= {b"fp32", b"bf16"}
 
 
 def test_resume_skips_done_paths_overwrite_starts_over(first_run, images, tmp_path):

@@ -135,6 +135,45 @@ def test_one_image_over_several_threads_gives_what_one_thread_gives(astronaut, p
     np.testing.assert_array_equal(spread.landmarks, alone.landmarks)
 
 
+def test_precision_auto_is_fp32_without_bf16_units(monkeypatch, astronaut):
+    import mtcnn.detector as detector_module
+
+    monkeypatch.setattr(detector_module, "has_native_bf16", lambda: False)
+    monkeypatch.setattr(detector_module, "_auto_choices", {})
+    detector = FaceDetector(precision="auto")
+    assert detector.precision == "fp32" and detector.config.precision == "auto"
+    assert not detector_module._auto_choices  # nothing timed: emulated bf16 is never faster
+    exact = FaceDetector().detect([astronaut])[0]
+    np.testing.assert_array_equal(detector.detect([astronaut])[0].boxes, exact.boxes)
+    with pytest.warns(UserWarning, match="emulated"):
+        FaceDetector(precision="bf16")
+
+
+def test_precision_auto_with_bf16_units_keeps_what_times_faster(monkeypatch, astronaut):
+    """With bf16 units (claimed here where the CPU lacks them) auto times both precisions once per
+    process and thread count, and runs what it chose."""
+    import mtcnn.detector as detector_module
+
+    monkeypatch.setattr(detector_module, "has_native_bf16", lambda: True)
+    monkeypatch.setattr(detector_module, "_auto_choices", {})
+    timed = []
+    real_timing = detector_module._time_nets
+
+    def recorded(nets, windows):
+        seconds = real_timing(nets, windows)
+        timed.append(seconds)
+        return seconds
+
+    monkeypatch.setattr(detector_module, "_time_nets", recorded)
+    chosen = FaceDetector(precision="auto")
+    fp32_seconds, bf16_seconds = timed
+    assert chosen.precision == ("bf16" if bf16_seconds < 0.95 * fp32_seconds else "fp32")
+    FaceDetector(precision="auto")
+    assert len(timed) == 2  # the choice is kept for the process
+    same = FaceDetector(precision=chosen.precision).detect([astronaut])[0]
+    np.testing.assert_array_equal(chosen.detect([astronaut])[0].boxes, same.boxes)
+
+
 def test_concurrent_calls_restore_the_thread_count(astronaut):
     """Images of a call run on threads with single-threaded ops; the count comes back after."""
     from concurrent.futures import ThreadPoolExecutor

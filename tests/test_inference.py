@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,3 +144,14 @@ def test_float16_forms_stay_close_to_fp32():
             exact = WindowNet(stages[name]).eval()(window)
             rounded = WindowNet(stages[name]).eval().use_reduced(torch.float16)(window)
             assert (rounded[0] - exact[0]).abs().max() < 1e-3 and (rounded[1] - exact[1]).abs().max() < 1e-2
+
+
+def test_cpu_flags_say_whether_bf16_is_native():
+    from mtcnn.cpu import cpu_flags, cpu_model, has_native_bf16, speed_flags
+
+    assert cpu_model()
+    flags = cpu_flags()
+    if Path("/proc/cpuinfo").exists():
+        assert flags, "Linux lists the CPU's flags in /proc/cpuinfo"
+    assert has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert speed_flags()["avx512_bf16"] == ("avx512_bf16" in flags)

@@ -27,6 +27,10 @@ class ErrorKind(str, enum.Enum):
 
 #: Key of the run metadata (JSON) in each Parquet file's key-value metadata.
 METADATA_KEY = b"mtcnn_jobs.annotate"
+#: A part's key-value metadata: the arithmetic its rows were detected in ("fp32", "bf16", or
+#: several, comma-separated, when workers of a heterogeneous cluster chose differently under
+#: precision "auto"); the run's METADATA_KEY says what was asked for.
+PRECISION_KEY = b"mtcnn_jobs.precision"
 
 FACE_TYPE = pa.struct([
     pa.field("box", pa.list_(pa.float32(), 4)),        # x1, y1, x2, y2 in displayed-image pixels

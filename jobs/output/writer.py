@@ -179,9 +179,13 @@ class CommitBuffer:
     """Rows on their way to OUTPUT: a part at rows_per_part rows, or when the oldest waited commit_seconds."""
 
     def __init__(self, output: PartsOutput, rows_per_part: int, commit_seconds: float,
-                 on_commit: Callable[[pa.Table, str], None] | None = None) -> None:
+                 on_commit: Callable[[pa.Table, str], None] | None = None,
+                 finish_part: Callable[[pa.Table], pa.Table] | None = None) -> None:
         self.output, self.rows_per_part, self.commit_seconds = output, rows_per_part, commit_seconds
         self.on_commit = on_commit
+        #: Turns a part's buffered rows into what is written (e.g. a column summed up in its
+        #: metadata); its schema metadata is kept beside the OUTPUT's own.
+        self.finish_part = finish_part
         self._tables: list[pa.Table] = []
         self._rows = 0
         self._oldest: float | None = None
@@ -225,7 +229,10 @@ class CommitBuffer:
     def _commit(self, rows: int) -> None:
         table = pa.concat_tables(self._tables) if len(self._tables) > 1 else self._tables[0]
         part, rest = table.slice(0, rows), table.slice(rows)
-        path = self.output.commit(part.combine_chunks())
+        part = part.combine_chunks()
+        if self.finish_part is not None:
+            part = self.finish_part(part)
+        path = self.output.commit(part)
         self._tables = [rest] if rest.num_rows else []
         self._rows = rest.num_rows
         self._oldest = time.monotonic() if self._rows else None

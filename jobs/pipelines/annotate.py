@@ -23,7 +23,7 @@ from mtcnn import Detections, DetectorConfig, FaceDetector, estimate_peak_bytes,
 from mtcnn.weights import CascadeWeights
 
 from jobs.common.redaction import redact, redact_text
-from jobs.common.schema import ANNOTATION_SCHEMA, METADATA_KEY, ErrorKind, annotation_table, run_metadata, settings_of
+from jobs.common.schema import ANNOTATION_SCHEMA, METADATA_KEY, PRECISION_KEY, ErrorKind, annotation_table, run_metadata, settings_of
 from jobs.common.storage import parse_storage_options
 from jobs.inputs.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from jobs.inputs.reading import ReadFailure, ReadPolicy, first_line, read_image
@@ -267,7 +267,10 @@ class FaceAnnotator:
         journal.finish()
         if self.state is not None:
             self.state.add.remote(*rows.counts())
-        return annotation_table(paths, rows.sizes, rows.detections, rows.errors, rows.kinds, rows.scales)
+        table = annotation_table(paths, rows.sizes, rows.detections, rows.errors, rows.kinds, rows.scales)
+        # Which arithmetic made these rows ("auto" may differ by node): summed up per part by the driver.
+        return table.append_column(PRECISION_COLUMN, pa.array([self.detector.precision] * table.num_rows,
+                                                               pa.string()))
 
     def _groups(self, batch: pa.Table, rows: "_Rows", journal: "Journal"):
         """Images to detect in one call each, within pixels_in_flight and the memory budget;
@@ -354,6 +357,18 @@ def commit_rows(batch: pa.Table, output: str, storage_options: dict, metadata: s
     return commit_file(output, part_name(table.column("path").to_pylist()), parquet_bytes(table), storage_options)
 
 
+#: The column the detector actors add to their rows: the precision their detector runs in.
+PRECISION_COLUMN = "precision"
+_ACTOR_ROWS = ANNOTATION_SCHEMA.append(pa.field(PRECISION_COLUMN, pa.string()))
+
+
+def note_precision(part: pa.Table) -> pa.Table:
+    """A part as committed: the precision column left out, what it held in the part's metadata."""
+    used = sorted(set(part.column(PRECISION_COLUMN).to_pylist()))
+    return part.drop_columns([PRECISION_COLUMN]).replace_schema_metadata(
+        {PRECISION_KEY: ",".join(used).encode()})
+
+
 def commit_record(table: pa.Table, path: str) -> dict:
     """What a committed part holds, for the summary: file, rows, faces, errors, transient errors."""
     kinds = table.column("error_kind")
@@ -417,9 +432,10 @@ def _stream(config: AnnotateConfig, plan: RunPlan, resources: dict, state,
         progress.start()
         try:
             received = 0
-            with CommitBuffer(plan.output, config.rows_per_file, config.commit_seconds, committed) as buffer:
+            with CommitBuffer(plan.output, config.rows_per_file, config.commit_seconds, committed,
+                              finish_part=note_precision) as buffer:
                 for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    buffer.add(rows.select(ANNOTATION_SCHEMA.names).cast(ANNOTATION_SCHEMA))
+                    buffer.add(rows.select(_ACTOR_ROWS.names).cast(_ACTOR_ROWS))
                     received += rows.num_rows
                     announce_rows_received(received)
         finally:
