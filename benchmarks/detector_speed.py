@@ -1,29 +1,27 @@
-"""Images/s of FaceDetector on crowded and light frame sets per resolution, beside the reference.
+"""Images/s of FaceDetector beside facenet-pytorch (the reference), in one run, on this CPU.
 
-Frame sets (`--sets`): "crowded", the WIDER validation photos (../shared/data/wider_face_val_dev)
-with the most annotated faces; "light", close-ups with one face (../shared/data/cnn_facepoint_5pt);
-or any folder with `--images DIR`. Each frame is resized to each resolution. Variants
-(`--variants`, pyramid:precision) default to the exact default (classic:fp32) and the fast ones. When the
-reference's environment is found (--reference-python, default /opt/refvenv/bin/python, see
-benchmarks/README.md), facenet-pytorch's MTCNN runs on the same frames in the same run, and the
-script prints the speed ratio and whether the classic pyramid's detections match it (score >= 0.9
-faces: IoU >= 0.9, score within 0.01, landmarks within 2 px). Also times pyramid construction alone
-and where the detector's time goes.
+Prints the CPU's model and the flags that decide its speed (AVX-512 BF16, AMX, VNNI), then for
+each frame set, resolution and thread count: our images/s one frame per call and in batches,
+facenet-pytorch's the same ways (its batched path stacks same-size frames), the ratios (one frame
+per call against its one frame per call, our best batch against its best), and whether the classic
+fp32 detections reproduce the reference's (score >= 0.9 faces: IoU >= 0.9, score within 0.01,
+landmarks within 2 px). Frame sets (`--sets`): "crowded", the 8 WIDER validation photos
+(../shared/data/wider_face_val_dev) with the most annotated faces; "light", one-face close-ups
+(../shared/data/cnn_facepoint_5pt); or any folder with `--images DIR`. Each frame is resized to
+each resolution. Variants (`--variants`, pyramid:precision): the exact default classic:fp32 and
+classic:auto (what precision="auto" picks on this CPU). The reference runs from its own
+environment (--reference-python, default /opt/refvenv/bin/python; see benchmarks/README.md).
+Also times pyramid construction alone and where one thread's time goes per stage.
 
-    python benchmarks/detector_speed.py [--frames 16] [--threads 2] [--device cpu] [--batch-sizes 1,8,16]
-        [--sets crowded,light] [--resolutions 1920x1080,1280x720] [--variants classic:fp32,classic:bf16]
-
-The per-stage profile (`where the time goes`, one thread, ms per frame) is printed for every
-variant: classic:fp32 is the state before issue 15's work, the others the options it added.
-
-Each side runs one frame per call and frames in batches (the project spreads a batch's frames over
-its threads on CPU; facenet-pytorch stacks same-size frames); ratios use each side's best.
+    python benchmarks/detector_speed.py [--frames 8] [--threads 2,1] [--batch-sizes 1,8]
+        [--resolutions 1280x720,1920x1080] [--sets crowded] [--variants classic:fp32,classic:auto]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mtcnn import FaceDetector
 from mtcnn.annotations import read_wider
+from mtcnn.cpu import cpu_model, speed_flags
 from mtcnn.pyramid import PYRAMIDS, build_pyramid, level_size, pyramid_scales
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -130,25 +129,29 @@ def run_reference(python: str, frames: list[np.ndarray], threads: int, batch_siz
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--threads", default="2,1", help="torch thread counts to run at, comma-separated")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-sizes", default="1,8,16", help="frames per detect call, comma-separated")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--resolutions", default="1920x1080,1280x720,960x540")
-    parser.add_argument("--sets", default="crowded,light", help="frame sets: crowded, light (or use --images)")
+    parser.add_argument("--batch-sizes", default="1,8", help="frames per detect call, comma-separated")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--resolutions", default="1280x720,1920x1080")
+    parser.add_argument("--sets", default="crowded", help="frame sets: crowded, light (or use --images)")
     parser.add_argument("--images", type=Path, default=None, help="a folder of photos instead of --sets")
-    parser.add_argument("--variants", default="classic:fp32,dynamic:fp32,classic:bf16",
+    parser.add_argument("--variants", default="classic:fp32,classic:auto",
                         help="pyramid:precision pairs, comma-separated")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-stage profiles")
     parser.add_argument("--reference-python", default="/opt/refvenv/bin/python")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    thread_counts = [int(v) for v in args.threads.split(",")]
     batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
     variants = [tuple(v.split(":")) for v in args.variants.split(",")]
     sets = {"folder": None} if args.images else {name: None for name in args.sets.split(",")}
-    print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
-          f"batches of {batch_sizes}, {args.frames} frames per set, variants {args.variants}")
+    flags = speed_flags()
+    print(f"CPU {cpu_model()}, {os.cpu_count()} logical CPUs; flags: "
+          + ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in flags.items()))
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels), device {args.device}, "
+          f"batches of {batch_sizes}, {args.frames} frames per set, variants {args.variants}, "
+          f"threads {thread_counts}")
     summary = []
     for set_name in sets:
         if set_name == "crowded":
@@ -160,54 +163,76 @@ def main() -> int:
         for resolution in args.resolutions.split(","):
             width, height = (int(v) for v in resolution.split("x"))
             frames = resized(files, width, height)
-            print(f"\n{set_name} frames at {width}x{height}", flush=True)
-            ours: dict[str, tuple[float, list]] = {}
-            theirs: dict[int, dict] = {}
-            for batch_size in batch_sizes:
-                for pyramid, precision in variants:
-                    detector = FaceDetector(device=args.device, pyramid=pyramid, precision=precision)
-                    label = f"{pyramid}:{precision}, batch {batch_size}"
-                    ours[label] = images_per_second(detector, frames, batch_size, args.repeats)
-                    print(f"  mtcnn {pyramid}:{precision:5s} batch {batch_size:2d}  {ours[label][0]:7.2f} images/s",
-                          flush=True)
-                reference = None if args.device != "cpu" else run_reference(
-                    args.reference_python, frames, args.threads, batch_size)
-                if reference:
-                    theirs[batch_size] = reference
-                    rate = reference["images_per_second"]
-                    print(f"  facenet-pytorch      batch {batch_size:2d}  {rate:7.2f} images/s", flush=True)
-            if theirs:
-                best_batch = max(theirs, key=lambda b: theirs[b]["images_per_second"])
-                rate = theirs[best_batch]["images_per_second"]
-                for pyramid, precision in variants:
-                    label = max((k for k in ours if k.startswith(f"{pyramid}:{precision},")), key=lambda k: ours[k][0])
-                    print(f"  ratio {pyramid}:{precision} (best: {label}) / reference (best: batch {best_batch}): "
-                          f"{ours[label][0] / rate:.2f}x")
-                    summary.append((set_name, resolution, f"{pyramid}:{precision}", ours[label][0], rate))
-                expected_faces = theirs[min(theirs)]["detections"]
-                for label, (_, found_frames) in ours.items():
-                    if not label.startswith("classic:fp32"):
-                        continue
-                    total = reproduced = 0
-                    for found, expected in zip(found_frames, expected_faces):
-                        count, ok, _ = match_faces(expected, found)
-                        total, reproduced = total + count, reproduced + ok
-                    print(f"  {label} detections vs reference: {reproduced}/{total} faces (score >= 0.9) reproduced")
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                print(f"\n{set_name} frames at {width}x{height}, {threads} thread(s)", flush=True)
+                summary.extend(compare(args, frames, batch_sizes, variants, set_name, resolution, threads))
             if args.device == "cpu" and not args.no_profile:
-                pyramids = time_pyramids(frames[0])
-                print("  pyramid alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pyramids.items()))
-                torch.set_num_threads(1)
-                for pyramid, precision in variants:
-                    parts = breakdown(FaceDetector(pyramid=pyramid, precision=precision),
-                                      frames[: max(4, args.frames // 4)])
-                    print(f"  where the time goes ({pyramid}:{precision}, 1 thread, ms/frame): "
-                          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
-                torch.set_num_threads(args.threads)
+                profile_parts(frames, variants, args.frames)
     if summary:
-        print("\n| frames | variant | images/s (best batch) | facenet-pytorch (best) | ratio |\n|---|---|---|---|---|")
-        for set_name, resolution, variant, ours_rate, rate in summary:
-            print(f"| {resolution} {set_name} | {variant} | {ours_rate:.2f} | {rate:.2f} | {ours_rate / rate:.2f}x |")
+        print("\n| frames | threads | variant | 1 per call | best batch | facenet-pytorch 1 per call | best batch "
+              "| ratio 1 per call | ratio batched |\n|---|---|---|---|---|---|---|---|---|")
+        for row in summary:
+            set_name, resolution, threads, variant, ours_one, ours_best, ref_one, ref_best = row
+            print(f"| {resolution} {set_name} | {threads} | {variant} | {ours_one:.2f} | {ours_best:.2f} | "
+                  f"{ref_one:.2f} | {ref_best:.2f} | {ours_one / ref_one:.2f}x | {ours_best / ref_best:.2f}x |")
     return 0
+
+
+def compare(args, frames: list[np.ndarray], batch_sizes: list[int], variants: list[tuple[str, str]],
+            set_name: str, resolution: str, threads: int) -> list[tuple]:
+    """Both sides on frames at the current thread count; the summary rows (images/s one frame per
+    call and at the best batch, each side)."""
+    ours: dict[tuple[str, int], tuple[float, list]] = {}
+    theirs: dict[int, dict] = {}
+    for batch_size in batch_sizes:
+        for pyramid, precision in variants:
+            detector = FaceDetector(device=args.device, pyramid=pyramid, precision=precision)
+            ours[(f"{pyramid}:{precision}", batch_size)] = images_per_second(detector, frames, batch_size, args.repeats)
+            print(f"  mtcnn {pyramid}:{precision:5s} (runs {detector.precision}) batch {batch_size:2d}  "
+                  f"{ours[(f'{pyramid}:{precision}', batch_size)][0]:7.2f} images/s", flush=True)
+        reference = None if args.device != "cpu" else run_reference(
+            args.reference_python, frames, threads, batch_size)
+        if reference:
+            theirs[batch_size] = reference
+            print(f"  facenet-pytorch      batch {batch_size:2d}  {reference['images_per_second']:7.2f} images/s",
+                  flush=True)
+    if not theirs:
+        return []
+    rows = []
+    ref_one = theirs[min(theirs)]["images_per_second"]
+    ref_best = max(r["images_per_second"] for r in theirs.values())
+    for pyramid, precision in variants:
+        variant = f"{pyramid}:{precision}"
+        rates = {b: ours[(variant, b)][0] for b in batch_sizes}
+        best = max(rates, key=rates.get)
+        print(f"  ratio {variant}: one frame per call {rates[min(rates)] / ref_one:.2f}x, "
+              f"best batch ({best}) {rates[best] / ref_best:.2f}x")
+        rows.append((set_name, resolution, threads, variant, rates[min(rates)], rates[best], ref_one, ref_best))
+    expected_faces = theirs[min(theirs)]["detections"]
+    for (variant, batch_size), (_, found_frames) in ours.items():
+        if variant != "classic:fp32":
+            continue
+        total = reproduced = 0
+        for found, expected in zip(found_frames, expected_faces):
+            count, ok, _ = match_faces(expected, found)
+            total, reproduced = total + count, reproduced + ok
+        print(f"  {variant} batch {batch_size} detections vs reference: {reproduced}/{total} faces "
+              "(score >= 0.9) reproduced")
+    return rows
+
+
+def profile_parts(frames: list[np.ndarray], variants: list[tuple[str, str]], count: int) -> None:
+    """Pyramid construction alone, then where each variant's time goes on one thread."""
+    pyramids = time_pyramids(frames[0])
+    print("  pyramid alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in pyramids.items()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for pyramid, precision in variants:
+        parts = breakdown(FaceDetector(pyramid=pyramid, precision=precision), frames[: max(4, count // 4)])
+        print(f"  where the time goes ({pyramid}:{precision}, 1 thread, ms/frame): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

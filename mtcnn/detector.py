@@ -256,12 +256,16 @@ class FaceDetector:
         if not rgb:
             return []
         threads = torch.get_num_threads()
-        if not (self._host_kernels and self.config.concurrent_images) or threads == 1:
+        if not (self._host_kernels and self.config.concurrent_images):
             return together(rgb, None)
         if len(rgb) == 1:
+            if threads == 1:
+                return together(rgb, None)
             with _single_threaded_ops(), ThreadPoolExecutor(threads, thread_name_prefix="mtcnn") as pool:
                 return together(rgb, pool)
         workers = min(len(rgb), threads)
+        if workers == 1:
+            return [result for image in rgb for result in together([image], None)]
         # Largest images first: the last ones to finish are then small, so threads idle less
         # at the end of a call with mixed sizes.
         order = sorted(range(len(rgb)), key=lambda i: rgb[i].shape[0] * rgb[i].shape[1], reverse=True)
