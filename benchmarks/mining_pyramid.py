@@ -161,7 +161,7 @@ def main() -> None:
         print("AP of the stages trained on each sample set: train a cascade per pyramid (mtcnn-jobs prepare "
               "--pyramid classic|dynamic, then train) and pass both with --trained CLASSIC DYNAMIC.")
         return
-    from jobs.commands.evaluate import InProcessDetection, evaluate_wider_folder
+    from jobs.pipelines.evaluate import InProcessDetection, evaluate_wider_folder
     from mtcnn.weights import load_weights
 
     aps = {}

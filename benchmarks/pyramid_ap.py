@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from jobs.commands.evaluate import InProcessDetection
+from jobs.pipelines.evaluate import InProcessDetection
 from mtcnn import FaceDetector
 from mtcnn.annotations import read_wider
 from mtcnn.detector import PRECISIONS
