@@ -314,8 +314,12 @@ class FaceDetector:
             return empty, torch.zeros(0, dtype=torch.long, device=self.device), empty[:, 0]
         boxes, scores, offsets, owners, levels = (torch.cat(p) for p in zip(*pieces))
         with record_function("mtcnn.nms"):
-            # Each level's own NMS is done; its windows go in image, then level order.
-            keep = torch.argsort(levels, stable=True)
+            if sources.parallel:
+                # Each level ran its own NMS on its thread; its windows go in image, then level order.
+                keep = torch.argsort(levels, stable=True)
+            else:
+                # One call for every level (one NMS per image and level): fewer calls on small images.
+                keep = batched_nms(boxes, scores, levels, cfg.level_nms)
             boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
             levels = levels[keep]
             if _levels_may_overlap(boxes, levels, owners, cfg.level_nms, cfg.stage_nms[0]):
@@ -367,10 +371,11 @@ class FaceDetector:
             boxes = torch.floor((2 * cell + torch.tensor([1.0, 1.0, 12.0, 12.0], device=self.device))
                                 / torch.tensor(scale, dtype=torch.float32))
             scores = torch.sigmoid(logits[member, row, col])
-            with record_function("mtcnn.nms"):
-                # One NMS per image of this level, done here: levels then run theirs concurrently.
-                keep = batched_nms(boxes, scores, member, self.config.level_nms)
-            member, row, col, boxes, scores = member[keep], row[keep], col[keep], boxes[keep], scores[keep]
+            if sources.parallel:
+                with record_function("mtcnn.nms"):
+                    # One NMS per image of this level, here: the levels' threads run theirs concurrently.
+                    keep = batched_nms(boxes, scores, member, self.config.level_nms)
+                member, row, col, boxes, scores = member[keep], row[keep], col[keep], boxes[keep], scores[keep]
             offsets = self._nets["pnet"].box_offsets(features[member, row, col])
             owners = owner_ids[member]
             # One group per (image, level) in what follows.
@@ -518,6 +523,11 @@ class _ImageSources:
         self.host_kernels = host_kernels
         self._pool = pool
         self._tables: dict[int, torch.Tensor] = {}
+
+    @property
+    def parallel(self) -> bool:
+        """Whether this call's parts run over threads."""
+        return self._pool is not None
 
     def map(self, work, items) -> list:
         """[work(item) for item in items], over the call's threads where it has them (in order)."""
