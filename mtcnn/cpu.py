@@ -16,21 +16,18 @@ SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16
 @functools.lru_cache(maxsize=1)
 def _cpuinfo() -> tuple[str, frozenset[str]]:
     """Model name and flags of the first processor in /proc/cpuinfo (Linux), else what platform says."""
+    model, flags = None, None
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or platform.machine(), frozenset()
-    model, flags = platform.processor() or platform.machine(), frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model == (platform.processor() or platform.machine()):
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
+        lines = []
+    for line in lines:  # every processor repeats them: the first of each is enough
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and model is None:
+            model = value
+        elif key in ("flags", "Features") and flags is None:
             flags = frozenset(value.split())
-        if key == "" and flags:
-            break  # the first processor's block is enough
-    return model, flags
+    return model or platform.processor() or platform.machine(), flags or frozenset()
 
 
 def cpu_model() -> str:

@@ -258,9 +258,7 @@ class FaceDetector:
         threads = torch.get_num_threads()
         if not (self._host_kernels and self.config.concurrent_images):
             return together(rgb, None)
-        if len(rgb) == 1:
-            if threads == 1:
-                return together(rgb, None)
+        if len(rgb) == 1 and threads > 1:
             with _single_threaded_ops(), ThreadPoolExecutor(threads, thread_name_prefix="mtcnn") as pool:
                 return together(rgb, pool)
         workers = min(len(rgb), threads)
@@ -534,6 +532,7 @@ class _ImageSources:
         items = list(items)
         if self._pool is None or len(items) < 2:
             return [work(item) for item in items]
+
         def in_worker(item):
             with torch.inference_mode():  # a per-thread mode: the pool's threads need their own
                 return work(item)
