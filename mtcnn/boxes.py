@@ -123,7 +123,7 @@ def _crop_resize_loops(table: np.ndarray, regions: np.ndarray, size: int, out: n
     """crop_resize's arithmetic as plain loops: out (N, size, size, C) from an (H+1, W+1, >= C) table.
 
     The same bins, the same integer sums and the same float32 division as the tensor form, so the
-    same values bit for bit; about 3.5x faster on CPUs, where the tensor form spends its time
+    same values bit for bit; 2.5x to 3.5x faster on CPUs, where the tensor form spends its time
     building and gathering (N, size, size) index tensors. nogil: window chunks crop in parallel.
     """
     channels = out.shape[3]
