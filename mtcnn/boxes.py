@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
 import cv2
-import numba
 import numpy as np
 import torch
 
@@ -147,10 +148,16 @@ def _crop_resize_loops(table: np.ndarray, regions: np.ndarray, size: int, out: n
                     out[n, i, j, c] = np.float32(total) / area
 
 
-try:  # compiled once per machine where numba can keep its cache (next to this file, or the user's)
-    _crop_resize_loops = numba.njit(nogil=True, cache=True)(_crop_resize_loops)
-except RuntimeError:  # nowhere writable: compiled in each process instead (about 0.6 s)
-    _crop_resize_loops = numba.njit(nogil=True)(_crop_resize_loops)
+@functools.cache
+def _compiled_crop_loops():
+    """_crop_resize_loops compiled by numba, on first use: a process that never crops (a job's
+    driver) does not load numba and LLVM (about 50 MB)."""
+    import numba
+
+    try:  # compiled once per machine where numba can keep its cache (next to this file, or the user's)
+        return numba.njit(nogil=True, cache=True)(_crop_resize_loops)
+    except RuntimeError:  # nowhere writable: compiled in each process instead (about 0.6 s)
+        return numba.njit(nogil=True)(_crop_resize_loops)
 
 
 def _regions_inside(table: torch.Tensor, regions: torch.Tensor) -> bool:
@@ -177,7 +184,7 @@ def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int,
                          "(clip them with mtcnn.box_coder.crop_regions)")
     if table.device.type == "cpu":
         out = np.empty((len(whole), size, size, channels), np.float32)
-        _crop_resize_loops(table.numpy(), whole.numpy(), size, out)
+        _compiled_crop_loops()(table.numpy(), whole.numpy(), size, out)
         return torch.from_numpy(out).permute(0, 3, 1, 2)
     return _crop_resize_tensors(table, whole, size, channels)
 
