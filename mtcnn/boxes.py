@@ -19,37 +19,116 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     """Indices kept by greedy NMS run separately per group, ordered by group then score."""
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    if boxes.device.type == "cpu" and mode == "union" and not plus_one:
-        keep = _opencv_nms(boxes, scores, groups, threshold)
+    # The grid search leaves out boxes that do not touch: right only where their overlap (0)
+    # cannot pass the threshold, and where every coordinate is finite.
+    if (boxes.device.type == "cpu" and boxes.dtype in (torch.float32, torch.float64) and threshold >= 0
+            and bool(torch.isfinite(boxes).all())):
+        keep = _grid_nms(boxes, scores, groups, threshold, mode, plus_one)
     else:
         keep = masked_nms(boxes, scores, groups, threshold, mode, plus_one)
     return keep[torch.argsort(groups[keep], stable=True)]
 
 
-def _opencv_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
-                threshold: float) -> torch.Tensor:
-    """Greedy IoU NMS on the CPU through OpenCV's C++ loop, one call per group."""
-    corners = boxes.double().numpy()
-    xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
-    # OpenCV drops scores not above its score threshold (which must be >= 0): shift them all up.
-    shifted = (scores.double().numpy() + 1.0).astype(np.float32)
-    group_ids = groups.numpy()
-    order = np.argsort(group_ids, kind="stable")
-    bounds = np.flatnonzero(np.diff(group_ids[order])) + 1
-    kept = []
-    # Per group rather than cv2's batched call: that one offsets the groups into one big NMS
-    # whose cost grows with the square of all boxes of all images.
-    for members in np.split(order, bounds):
-        keep = cv2.dnn.NMSBoxes(xywh[members], shifted[members], 0.0, float(threshold))
-        kept.append(members[np.asarray(keep, dtype=np.int64).reshape(-1)])
-    return torch.from_numpy(np.concatenate(kept))
+def _score_order(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting boxes by group, then best score first (ties in index order)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return order[torch.argsort(groups[order], stable=True)]
+
+
+def _grid_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
+              mode: str, plus_one: bool) -> torch.Tensor:
+    """masked_nms's result on the CPU through compiled loops that compare each box only with the
+    kept boxes near it: on a crowded 1080p frame's P-Net windows (19,645 in 9 levels) 5 ms
+    where OpenCV's NMSBoxes, comparing with every kept box, took 181 ms."""
+    order = _score_order(scores, groups)
+    sorted_groups = groups[order].numpy()
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_groups)) + 1, [len(order)]])
+    sorted_boxes = np.ascontiguousarray(boxes[order].numpy())
+    # Constants in the boxes' own float type: the same arithmetic as box_iou on these tensors.
+    real = sorted_boxes.dtype.type
+    keep = np.zeros(len(order), dtype=bool)
+    _compiled(_greedy_nms_loops)(sorted_boxes, starts, real(threshold), real(1.0 if plus_one else 0.0),
+                                 real(1e-12), mode == "min", keep)
+    return order[torch.from_numpy(np.flatnonzero(keep))]
+
+
+def _greedy_nms_loops(boxes, starts, limit, one, tiny, min_mode, keep):
+    """Greedy NMS over (N, 4) float32 boxes sorted by group, then best score first.
+
+    starts: offsets of each group's first box (and N at the end). keep[i] becomes whether box i
+    survives. The same float32 overlap as box_coder.box_iou and the same `overlap > threshold`
+    rule as the sequential definition, so the same boxes kept; each box is compared only with
+    the kept boxes of its group in the grid cells near it, not with all of them.
+    """
+    count = boxes.shape[0]
+    following = np.full(count, -1, np.int64)  # next kept box in the same cell: linked lists
+    for g in range(starts.shape[0] - 1):
+        first, stop = starts[g], starts[g + 1]
+        # Boxes with no area never overlap anything (box_iou gives them 0): kept, out of the grid.
+        side, low_x, low_y, high_x, high_y = 1.0, np.inf, np.inf, -np.inf, -np.inf
+        for i in range(first, stop):
+            width = boxes[i, 2] - boxes[i, 0] + one
+            height = boxes[i, 3] - boxes[i, 1] + one
+            if width > 0 and height > 0:
+                side = max(side, float(width), float(height))
+                low_x, low_y = min(low_x, float(boxes[i, 0])), min(low_y, float(boxes[i, 1]))
+                high_x, high_y = max(high_x, float(boxes[i, 0])), max(high_y, float(boxes[i, 1]))
+        if low_x > high_x:
+            keep[first:stop] = True
+            continue
+        # A cell per box side (boxes of one pyramid level are all one size), at most 512 a side.
+        cell = max(side, (high_x - low_x) / 512.0, (high_y - low_y) / 512.0)
+        columns = int((high_x - low_x) / cell) + 1
+        rows = int((high_y - low_y) / cell) + 1
+        head = np.full(columns * rows, -1, np.int64)
+        # A kept box can overlap box i only if its left edge lies less than a box side left of
+        # i's, or left of i's right edge (plus the 1-pixel rule): those cells, with a margin
+        # for the float rounding of coordinates this large, are searched.
+        margin = 2.0 + 1e-5 * max(abs(low_x), abs(low_y), abs(high_x) + side, abs(high_y) + side)
+        reach = side + margin
+        for i in range(first, stop):
+            x1, y1, x2, y2 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+            area = (x2 - x1 + one) * (y2 - y1 + one)
+            if not (x2 - x1 + one > 0 and y2 - y1 + one > 0):
+                keep[i] = True
+                continue
+            survives = True
+            c0 = max(int((x1 - reach - low_x) / cell), 0)
+            c1 = min(int((x2 + margin - low_x) / cell), columns - 1)
+            r0 = max(int((y1 - reach - low_y) / cell), 0)
+            r1 = min(int((y2 + margin - low_y) / cell), rows - 1)
+            for r in range(r0, r1 + 1):
+                for c in range(c0, c1 + 1):
+                    j = head[r * columns + c]
+                    while j >= 0:
+                        width = min(x2, boxes[j, 2]) - max(x1, boxes[j, 0]) + one
+                        height = min(y2, boxes[j, 3]) - max(y1, boxes[j, 1]) + one
+                        if width > 0 and height > 0:
+                            inter = width * height
+                            other = (boxes[j, 2] - boxes[j, 0] + one) * (boxes[j, 3] - boxes[j, 1] + one)
+                            if min_mode:
+                                overlap = inter / max(min(area, other), tiny)
+                            else:
+                                overlap = inter / max(area + other - inter, tiny)
+                            if overlap > limit:
+                                survives = False
+                                break
+                        j = following[j]
+                    if not survives:
+                        break
+                if not survives:
+                    break
+            keep[i] = survives
+            if survives:
+                index = int((y1 - low_y) / cell) * columns + int((x1 - low_x) / cell)
+                following[i] = head[index]
+                head[index] = i
 
 
 def masked_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                threshold: float, mode: str = "union", plus_one: bool = False) -> torch.Tensor:
     """Greedy NMS per group: overlap masks on the boxes' device, one scan of them on the host."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]
+    order = _score_order(scores, groups)
     sorted_boxes, sorted_groups = boxes[order], groups[order]
     count = len(order)
     removed = np.zeros(count, dtype=bool)
@@ -120,27 +199,29 @@ def _pixel_reader(table: torch.Tensor):
     return lambda index: flat.index_select(0, index)
 
 
-def _crop_resize_loops(table: np.ndarray, regions: np.ndarray, size: int, out: np.ndarray) -> None:
-    """crop_resize's arithmetic as plain loops: out (N, size, size, C) from an (H+1, W+1, >= C) table.
+def _area_resize_loops(table: np.ndarray, regions: np.ndarray, out: np.ndarray) -> None:
+    """Area-resize as plain loops: out (N, H', W', C) from an (H+1, W+1, >= C) table's regions.
 
-    The same bins, the same integer sums and the same float32 division as the tensor form, so the
-    same values bit for bit; 2.5x to 3.5x faster on CPUs, where the tensor form spends its time
-    building and gathering (N, size, size) index tensors. nogil: window chunks crop in parallel.
+    The same bins, the same integer sums and the same float32 division as the tensor forms
+    (crop_resize's and pyramid.resize_from_table's), so the same values bit for bit; 2.5x to
+    3.5x faster on CPUs, where the tensor forms spend their time building and gathering index
+    tensors. nogil: window chunks and pyramid levels run in parallel.
     """
-    channels = out.shape[3]
-    rows0, rows1 = np.empty(size, np.int64), np.empty(size, np.int64)
-    cols0, cols1 = np.empty(size, np.int64), np.empty(size, np.int64)
+    height, width, channels = out.shape[1], out.shape[2], out.shape[3]
+    rows0, rows1 = np.empty(height, np.int64), np.empty(height, np.int64)
+    cols0, cols1 = np.empty(width, np.int64), np.empty(width, np.int64)
     for n in range(regions.shape[0]):
         left, top = regions[n, 0], regions[n, 1]
-        width, height = max(regions[n, 2] - left, 1), max(regions[n, 3] - top, 1)
-        for i in range(size):
-            rows0[i] = top + (i * height) // size
-            rows1[i] = top + ((i + 1) * height + size - 1) // size
-            cols0[i] = left + (i * width) // size
-            cols1[i] = left + ((i + 1) * width + size - 1) // size
-        for i in range(size):
+        span_x, span_y = max(regions[n, 2] - left, 1), max(regions[n, 3] - top, 1)
+        for i in range(height):
+            rows0[i] = top + (i * span_y) // height
+            rows1[i] = top + ((i + 1) * span_y + height - 1) // height
+        for j in range(width):
+            cols0[j] = left + (j * span_x) // width
+            cols1[j] = left + ((j + 1) * span_x + width - 1) // width
+        for i in range(height):
             r0, r1 = rows0[i], rows1[i]
-            for j in range(size):
+            for j in range(width):
                 c0, c1 = cols0[j], cols1[j]
                 area = np.float32((r1 - r0) * (c1 - c0))
                 for c in range(channels):
@@ -148,16 +229,26 @@ def _crop_resize_loops(table: np.ndarray, regions: np.ndarray, size: int, out: n
                     out[n, i, j, c] = np.float32(total) / area
 
 
+def area_resize_host(table: np.ndarray, regions: np.ndarray, height: int, width: int,
+                     channels: int) -> np.ndarray:
+    """(N, height, width, channels) float32 area resizes of integer pixel-edge regions (N, 4)
+    of the image behind a CPU summed-area table (H+1, W+1, >= channels); regions inside it."""
+    out = np.empty((len(regions), height, width, channels), np.float32)
+    _compiled(_area_resize_loops)(table, np.ascontiguousarray(regions, dtype=np.int64), out)
+    return out
+
+
 @functools.cache
-def _compiled_crop_loops():
-    """_crop_resize_loops compiled by numba, on first use: a process that never crops (a job's
-    driver) does not load numba and LLVM (about 50 MB)."""
+def _compiled(loops):
+    """A loop function of this module compiled by numba, on first use: a process that never
+    crops or runs NMS (a job's driver) does not load numba and LLVM (about 50 MB). nogil: the
+    detector's threads run them in parallel."""
     import numba
 
     try:  # compiled once per machine where numba can keep its cache (next to this file, or the user's)
-        return numba.njit(nogil=True, cache=True)(_crop_resize_loops)
-    except RuntimeError:  # nowhere writable: compiled in each process instead (about 0.6 s)
-        return numba.njit(nogil=True)(_crop_resize_loops)
+        return numba.njit(nogil=True, cache=True)(loops)
+    except RuntimeError:  # nowhere writable: compiled in each process instead (under a second)
+        return numba.njit(nogil=True)(loops)
 
 
 def _regions_inside(table: torch.Tensor, regions: torch.Tensor) -> bool:
@@ -184,9 +275,7 @@ def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int,
         raise ValueError(f"crop regions must lie inside the {table.shape[1] - 1} x {table.shape[0] - 1} image "
                          "(clip them with mtcnn.box_coder.crop_regions)")
     if table.device.type == "cpu":
-        out = np.empty((len(whole), size, size, channels), np.float32)
-        _compiled_crop_loops()(table.numpy(), whole.numpy(), size, out)
-        return torch.from_numpy(out).permute(0, 3, 1, 2)
+        return torch.from_numpy(area_resize_host(table.numpy(), whole.numpy(), size, size, channels)).permute(0, 3, 1, 2)
     return _crop_resize_tensors(table, whole, size, channels)
 
 

@@ -9,9 +9,8 @@ same quantities the detector allocates, per phase of one detect call on a CPU de
   bytes a pixel, built through a 4-byte RGBA copy; above that torch's int64 table, 24 bytes a
   pixel, built through two more int64 images (the cast and the first cumulative sum) alive at once;
 - the pyramid (mtcnn.pyramid): every level kept until P-Net has seen all of them, float32 (12
-  bytes a pixel) or uint8 ("dynamic", 3 bytes); the classic levels are made from the table through
-  row and column box sums in the table's integer type; "chain2" and "octave" first convert the
-  whole image to float32;
+  bytes a pixel) or uint8 ("dynamic", 3 bytes); the classic levels are written from the table
+  directly; "chain2" and "octave" first convert the whole image to float32;
 - P-Net on one level: the stacked float32 input, and conv1's output with its PReLU's (10 channels,
   40 bytes a pixel each), the largest activations; later layers work on a quarter of the pixels;
 - P-Net's candidates: boxes, scores, offsets, owners and levels of every window over the score
@@ -183,10 +182,6 @@ def _table_bytes(height: int, width: int) -> tuple[int, int]:
     return held, held + 2 * 24 * height * width
 
 
-def _table_element_bytes(height: int, width: int) -> int:
-    return 4 if _int32_table(height, width) else 8
-
-
 def phase_bytes(height: int, width: int, config: DetectorConfig) -> dict[str, int]:
     """Modelled bytes of each phase of detecting one height x width image (no margin, no allowance).
 
@@ -195,7 +190,6 @@ def phase_bytes(height: int, width: int, config: DetectorConfig) -> dict[str, in
     """
     levels = _levels(height, width, config)
     table_held, table_build = _table_bytes(height, width)
-    element = _table_element_bytes(height, width)
     cells = [level.cells for level in levels]
     candidates = [int(CANDIDATE_DENSITY * count) for count in cells]
     all_candidates = sum(candidates)
@@ -207,17 +201,9 @@ def phase_bytes(height: int, width: int, config: DetectorConfig) -> dict[str, in
 
     # Building the pyramid.
     if mode == "classic":
-        # resize_from_table per level: two row gathers and their difference (h' x (W + 1) x 3 in
-        # the table's type), then two column gathers and their difference (h' x w' x 3), then
-        # float32 sums and their mean; earlier levels are held.
-        peak, built = 0, 0
-        for level in levels:
-            rows = 3 * element * level.height * (width + 1)
-            cols = 3 * element * level.pixels
-            transient = max(3 * rows, rows + 3 * cols, cols + 24 * level.pixels)
-            peak = max(peak, built + transient)
-            built += 12 * level.pixels
-        pyramid = table_held + max(peak, built)
+        # resize_from_table per level: on the CPU compiled loops write each level straight from
+        # the table, with no intermediate copies; earlier levels are held.
+        pyramid = table_held + levels_held
         held_during_pnet = table_held + levels_held
     elif mode == "dynamic":
         pyramid = levels_held  # each level is cv2.resize of the one before: no other copy

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .boxes import area_resize_host
+
 PYRAMIDS = ("classic", "dynamic", "chain2", "octave")
 #: P-Net's window side: a level whose short side is below it cannot hold a face.
 WINDOW = 12
@@ -43,8 +45,21 @@ def _area_bins(length: int, size: int, device: torch.device) -> tuple[torch.Tens
     return (index * length) // size, ((index + 1) * length + size - 1) // size
 
 
-def resize_from_table(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Area-resize the image behind a summed-area table (H+1, W+1, C) to height x width (float)."""
+def resize_from_table(table: torch.Tensor, height: int, width: int, channels: int | None = None) -> torch.Tensor:
+    """Area-resize the image behind a summed-area table (H+1, W+1, C) to height x width x C (float).
+
+    C is the table's channel count, or its first `channels` (a table may carry a padding lane).
+    """
+    channels = channels or table.shape[2]
+    if table.device.type == "cpu":
+        # Compiled loops: one pass, no gathered copies (at 1080p 10x faster than the tensor form).
+        whole = np.array([[0, 0, table.shape[1] - 1, table.shape[0] - 1]])
+        return torch.from_numpy(area_resize_host(table.numpy(), whole, height, width, channels)[0])
+    return _resize_from_table_tensors(table[:, :, :channels], height, width)
+
+
+def _resize_from_table_tensors(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """resize_from_table with tensor operations, on any device."""
     rows0, rows1 = _area_bins(table.shape[0] - 1, height, table.device)
     cols0, cols1 = _area_bins(table.shape[1] - 1, width, table.device)
     # Separable box sums: four gathers from the table instead of reading every source pixel.
@@ -93,9 +108,11 @@ def build_pyramid(image: np.ndarray, scales: list[float], pyramid: str = "classi
     if pyramid == "classic":
         if table is None:
             table = torch.from_numpy(cv2.integral(image, sdepth=cv2.CV_64F))
-        if image.ndim == 3:
-            table = table[:, :, :image.shape[2]]  # a table made for cropping may carry a padding lane
-        return [resize_from_table(table, *size) for size in sizes]
+        if table.ndim == 2:  # OpenCV's table of a one-channel image has no channel axis
+            table = table[:, :, None]
+        # A table made for cropping may carry a padding lane; levels keep the image's own axes.
+        channels = image.shape[2] if image.ndim == 3 else 1
+        return [resize_from_table(table, *size, channels).reshape(*size, *image.shape[2:]) for size in sizes]
     if pyramid == "dynamic":
         levels, source = [], image
         for level_h, level_w in sizes:

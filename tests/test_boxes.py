@@ -41,6 +41,48 @@ def test_batched_nms_matches_sequential_greedy(monkeypatch, mode, plus_one, bloc
     assert masked[torch.argsort(groups[masked], stable=True)].tolist() == expected
 
 
+@pytest.mark.parametrize("mode,plus_one", [("union", False), ("min", True)])
+@pytest.mark.parametrize("threshold", [0.5, 0.0, 1.0])
+def test_nms_of_window_grids_with_exact_ties(mode, plus_one, threshold):
+    # P-Net's windows: one size per level on a 2-pixel grid, integer corners, so overlaps hit the
+    # thresholds exactly (0.5, 0, 1) and scores tie; two levels as two groups.
+    generator = torch.Generator().manual_seed(7)
+    cells = torch.cartesian_prod(torch.arange(0, 60, 2.0), torch.arange(0, 40, 2.0))
+    boxes = torch.cat([torch.cat([cells, cells + side], dim=1) for side in (12.0, 17.0)])
+    scores = torch.randint(0, 5, (len(boxes),), generator=generator).float() / 4
+    groups = torch.arange(len(boxes)) // len(cells)
+    expected = greedy_nms(boxes, scores, groups.tolist(), threshold, mode, plus_one)
+    assert batched_nms(boxes, scores, groups, threshold, mode, plus_one).tolist() == expected
+
+
+def test_nms_of_mixed_sizes_far_apart_and_degenerate_boxes():
+    # Tiny boxes beside huge ones, coordinates near a million, boxes with no area and boxes
+    # upside down: the grid's cells (one per largest side) must still find every overlap.
+    tiny, tiny_scores = random_boxes(150, seed=11, spread=400.0)
+    huge, huge_scores = random_boxes(40, seed=12, spread=300.0)
+    huge[:, 2:] = huge[:, :2] + 150 + huge[:, 2:] - huge[:, :2]
+    far, far_scores = random_boxes(60, seed=13)
+    far += 1_000_000.0
+    flat = torch.tensor([[5.0, 5.0, 5.0, 40.0], [30.0, 30.0, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]])
+    boxes = torch.cat([tiny, huge, far, flat])
+    scores = torch.cat([tiny_scores, huge_scores, far_scores, torch.tensor([1.0, 1.0, 1.0])])
+    groups = torch.zeros(len(boxes), dtype=torch.long)
+    for mode, plus_one in [("union", False), ("min", True), ("min", False)]:
+        expected = greedy_nms(boxes, scores, groups.tolist(), 0.3, mode, plus_one)
+        assert batched_nms(boxes, scores, groups, 0.3, mode, plus_one).tolist() == expected
+        as_doubles = batched_nms(boxes.double(), scores, groups, 0.3, mode, plus_one)
+        assert as_doubles.tolist() == greedy_nms(boxes.double(), scores, groups.tolist(), 0.3, mode, plus_one)
+
+
+def test_nms_with_infinite_boxes_or_negative_threshold_takes_the_general_path():
+    boxes, scores = random_boxes(100, seed=5)
+    groups = torch.zeros(100, dtype=torch.long)
+    expected = greedy_nms(boxes, scores, groups.tolist(), -0.5, "union", False)
+    assert batched_nms(boxes, scores, groups, -0.5).tolist() == expected == [int(scores.argmax())]
+    boxes[3] = torch.tensor([0.0, 0.0, float("inf"), float("inf")])
+    assert batched_nms(boxes, scores, groups, 0.4).tolist() == box_ops.masked_nms(boxes, scores, groups, 0.4).tolist()
+
+
 @pytest.mark.parametrize("nms", [batched_nms, box_ops.masked_nms])
 def test_long_suppression_chain(nms):
     # Each box overlaps only its neighbours: the greedy result alternates keep / drop.

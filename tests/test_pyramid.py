@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -44,6 +45,21 @@ def test_classic_levels_are_area_interpolation_of_the_full_image(image):
         assert torch.allclose(level, expected[0].permute(1, 2, 0), atol=1e-3)
     tensor_levels = build_pyramid_tensor(full, scales, "classic")
     assert [t.shape[-2:] for t in tensor_levels] == [l.shape[:2] for l in build_pyramid(image, scales)]
+
+
+def test_host_levels_equal_the_tensor_form_bit_for_bit(image):
+    from mtcnn.boxes import host_integral_image, integral_image
+    from mtcnn.pyramid import _resize_from_table_tensors, resize_from_table
+
+    tables = [host_integral_image(image), integral_image(torch.from_numpy(image)).long(),
+              torch.from_numpy(cv2.integral(image, sdepth=cv2.CV_64F))]
+    for table in tables:
+        for size in [(301, 403), (213, 286), (13, 17), (400, 500)]:  # down, up and odd ratios
+            assert torch.equal(resize_from_table(table, *size, 3), _resize_from_table_tensors(table[:, :, :3], *size))
+    gray = np.ascontiguousarray(image[:, :, 0])
+    levels = build_pyramid(gray, [0.5, 0.3], "classic")
+    assert [tuple(level.shape) for level in levels] == [level_size(301, 403, s) for s in (0.5, 0.3)]
+    assert torch.equal(levels[0], build_pyramid(np.ascontiguousarray(image[:, :, :1]), [0.5], "classic")[0][:, :, 0])
 
 
 def test_unknown_pyramid_is_refused(image):
