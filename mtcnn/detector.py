@@ -22,7 +22,7 @@ from .box_coder import crop_regions, decode_boxes, decode_landmarks
 from .boxes import batched_nms, crop_resize, host_integral_image, integral_image, square
 from .inference import ProposalNet, WindowNet
 from .nets import STAGE_NAMES, STAGES
-from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, pyramid_scales
+from .pyramid import PYRAMIDS, build_pyramid, build_pyramid_tensor, level_size, pyramid_scales, resize_from_table
 from .weights import CascadeWeights, load_weights
 
 
@@ -244,7 +244,7 @@ class FaceDetector:
         if up_to not in STAGE_NAMES[:-1]:
             raise ValueError(f"up_to must be 'pnet' or 'rnet', got {up_to!r}")
         self._require(up_to)
-        return self._run(_as_image_list(images), lambda rgb, pool: self._propose_together(rgb, up_to, pool))
+        return self._run(_as_image_list(images), lambda rgb, threads: self._propose_together(rgb, up_to, threads))
 
     def _run(self, rgb: list[np.ndarray], together) -> list[Detections]:
         """together(rgb) for all images at once, or on CPUs image by image over threads.
@@ -260,7 +260,7 @@ class FaceDetector:
             return together(rgb, None)
         if len(rgb) == 1 and threads > 1:
             with _single_threaded_ops(), ThreadPoolExecutor(threads, thread_name_prefix="mtcnn") as pool:
-                return together(rgb, pool)
+                return together(rgb, _Threads(pool, threads))
         workers = min(len(rgb), threads)
         if workers == 1:
             return [result for image in rgb for result in together([image], None)]
@@ -273,18 +273,18 @@ class FaceDetector:
                 results[index] = found
         return results
 
-    def _detect_together(self, rgb: list[np.ndarray], pool: ThreadPoolExecutor | None) -> list[Detections]:
+    def _detect_together(self, rgb: list[np.ndarray], threads: "_Threads | None") -> list[Detections]:
         with torch.inference_mode():
-            sources = _ImageSources(rgb, self.device, self._host_kernels, pool)
+            sources = _ImageSources(rgb, self.device, self._host_kernels, threads)
             boxes, owners, _ = self._propose(sources)
             boxes, owners, _ = self._refine(sources, boxes, owners)
             boxes, owners, scores, landmarks = self._output(sources, boxes, owners)
         return _split_by_image(len(rgb), boxes, owners, scores, landmarks)
 
     def _propose_together(self, rgb: list[np.ndarray], up_to: str,
-                          pool: ThreadPoolExecutor | None) -> list[Detections]:
+                          threads: "_Threads | None") -> list[Detections]:
         with torch.inference_mode():
-            sources = _ImageSources(rgb, self.device, self._host_kernels, pool)
+            sources = _ImageSources(rgb, self.device, self._host_kernels, threads)
             boxes, owners, scores = self._propose(sources)
             if up_to == "rnet":
                 boxes, owners, scores = self._refine(sources, boxes, owners)
@@ -312,12 +312,8 @@ class FaceDetector:
             return empty, torch.zeros(0, dtype=torch.long, device=self.device), empty[:, 0]
         boxes, scores, offsets, owners, levels = (torch.cat(p) for p in zip(*pieces))
         with record_function("mtcnn.nms"):
-            if sources.parallel:
-                # Each level ran its own NMS on its thread; its windows go in image, then level order.
-                keep = torch.argsort(levels, stable=True)
-            else:
-                # One call for every level (one NMS per image and level): fewer calls on small images.
-                keep = batched_nms(boxes, scores, levels, cfg.level_nms)
+            # One call for every level (one NMS per image and level).
+            keep = batched_nms(boxes, scores, levels, cfg.level_nms)
             boxes, scores, offsets, owners = boxes[keep], scores[keep], offsets[keep], owners[keep]
             levels = levels[keep]
             if _levels_may_overlap(boxes, levels, owners, cfg.level_nms, cfg.stage_nms[0]):
@@ -327,20 +323,20 @@ class FaceDetector:
         return square(decode_boxes(boxes, offsets, plus_one=False)), owners, scores
 
     def _propose_same_size(self, sources: "_ImageSources", members: list[int]) -> list[tuple]:
-        """P-Net candidates of images that have the same size, before NMS."""
+        """P-Net candidates of images that have the same size, before NMS, in level order."""
         cfg = self.config
         height, width = sources.images[members[0]].shape[:2]
         scales = pyramid_scales(height, width, cfg.min_face_size, cfg.scale_factor)
+        sizes = [level_size(height, width, scale) for scale in scales]
         classic_tables = self._host_kernels and cfg.pyramid == "classic"
         levels_per_image = []
         for index in members:
             image = sources.images[index]
             with record_function("mtcnn.pyramid"):
                 if classic_tables:
-                    # Each classic level is averaged from the table alone: made with its P-Net pass.
-                    table = sources.table(index)
-                    levels_per_image.append([lambda s=scale, i=image, t=table: build_pyramid(i, [s], "classic", t)[0]
-                                             for scale in scales])
+                    # Each classic level (or band of one) is averaged from the table alone:
+                    # made with its P-Net pass.
+                    sources.table(index)
                 elif self._host_kernels:
                     levels_per_image.append(build_pyramid(image, scales, cfg.pyramid))
                 else:
@@ -351,10 +347,17 @@ class FaceDetector:
         threshold_logit = _logit(cfg.thresholds[0])
         owner_ids = torch.tensor(members, device=self.device)
 
-        def level_candidates(depth: int):
-            scale = scales[depth]
+        def band_input(depth: int, rows: tuple[int, int], index: int) -> torch.Tensor:
+            """Input rows [rows) of pyramid level depth of image members[index], H' x W' x 3."""
+            if classic_tables:
+                return resize_from_table(sources.table(members[index]), *sizes[depth], 3, rows)
+            return levels_per_image[index][depth][rows[0]:rows[1]]
+
+        def band_candidates(band: "_LevelBand"):
+            depth, scale = band.depth, scales[band.depth]
+            rows = band.input_rows(sizes[depth][0])
             with record_function("mtcnn.pyramid"):
-                level = [levels[depth]() if classic_tables else levels[depth] for levels in levels_per_image]
+                level = [band_input(depth, rows, index) for index in range(len(members))]
             batch = torch.stack(level).to(self.device)
             # NHWC in memory viewed as NCHW: the channels_last layout the CPU kernels like best.
             batch = batch.permute(0, 3, 1, 2).float()
@@ -364,23 +367,23 @@ class FaceDetector:
             if len(hits) == 0:
                 return None
             member, row, col = hits.unbind(1)
+            offsets = self._nets["pnet"].box_offsets(features[member, row, col])
+            scores = torch.sigmoid(logits[member, row, col])
+            row = row + band.first
             cell = torch.stack([col, row, col, row], dim=1).float()
             # Window of output cell (row, col): 12 px at stride 2, in the original's 1-based rule.
             boxes = torch.floor((2 * cell + torch.tensor([1.0, 1.0, 12.0, 12.0], device=self.device))
                                 / torch.tensor(scale, dtype=torch.float32))
-            scores = torch.sigmoid(logits[member, row, col])
-            if sources.parallel:
-                with record_function("mtcnn.nms"):
-                    # One NMS per image of this level, here: the levels' threads run theirs concurrently.
-                    keep = batched_nms(boxes, scores, member, self.config.level_nms)
-                member, row, col, boxes, scores = member[keep], row[keep], col[keep], boxes[keep], scores[keep]
-            offsets = self._nets["pnet"].box_offsets(features[member, row, col])
             owners = owner_ids[member]
             # One group per (image, level) in what follows.
             levels = owners * _LEVELS_PER_IMAGE + depth
             return boxes, scores, offsets, owners, levels
 
-        return [piece for piece in sources.map(level_candidates, range(len(scales))) if piece is not None]
+        bands = _level_bands(sizes, sources.workers if self._host_kernels else 1)
+        # Largest bands first, so the threads finish together; results back in level order.
+        by_work = sorted(bands, key=lambda band: band.work(sizes[band.depth][1]), reverse=True)
+        found = dict(zip(by_work, sources.map(band_candidates, by_work)))
+        return [found[band] for band in bands if found[band] is not None]
 
     # -- stages 2 and 3 -----------------------------------------------------------------
     def _score_windows(self, name: str, sources: "_ImageSources", boxes: torch.Tensor,
@@ -511,33 +514,41 @@ def _as_image_list(images) -> list[np.ndarray]:
     return [as_rgb(image) for image in images]
 
 
+@dataclass(frozen=True)
+class _Threads:
+    """The worker threads one detect call spreads its parts over, and how many there are."""
+
+    pool: ThreadPoolExecutor
+    count: int
+
+
 class _ImageSources:
     """Images of one call, with summed-area tables made once per image on demand for cropping."""
 
     def __init__(self, images: list[np.ndarray], device: torch.device, host_kernels: bool,
-                 pool: ThreadPoolExecutor | None = None) -> None:
+                 threads: _Threads | None = None) -> None:
         self.images = images
         self.device = device
         self.host_kernels = host_kernels
-        self._pool = pool
+        self._threads = threads
         self._tables: dict[int, torch.Tensor] = {}
 
     @property
-    def parallel(self) -> bool:
-        """Whether this call's parts run over threads."""
-        return self._pool is not None
+    def workers(self) -> int:
+        """How many threads this call's parts run over."""
+        return self._threads.count if self._threads else 1
 
     def map(self, work, items) -> list:
         """[work(item) for item in items], over the call's threads where it has them (in order)."""
         items = list(items)
-        if self._pool is None or len(items) < 2:
+        if self._threads is None or len(items) < 2:
             return [work(item) for item in items]
 
         def in_worker(item):
             with torch.inference_mode():  # a per-thread mode: the pool's threads need their own
                 return work(item)
 
-        return list(self._pool.map(in_worker, items))
+        return list(self._threads.pool.map(in_worker, items))
 
     def table(self, index: int) -> torch.Tensor:
         """Summed-area table of image index on the device."""
@@ -566,6 +577,52 @@ class _ImageSources:
         if self.host_kernels:
             crops = crops.contiguous(memory_format=torch.channels_last)
         return crops, torch.cat(valid)
+
+
+#: P-Net bands are at least this many output rows high: thinner ones repeat too much of their
+#: neighbours' input (each band reads 10 rows past its own).
+_MIN_BAND_ROWS = 16
+
+
+@dataclass(frozen=True)
+class _LevelBand:
+    """P-Net output rows [first, stop) of pyramid level depth, one P-Net pass."""
+
+    depth: int
+    first: int
+    stop: int
+
+    def input_rows(self, level_height: int) -> tuple[int, int]:
+        """The level's rows these outputs see: a 12-row window every 2 rows."""
+        return 2 * self.first, min(2 * self.stop + 10, level_height)
+
+    def work(self, level_width: int) -> int:
+        """P-Net's work on this band, in output cells."""
+        return (self.stop - self.first) * _pnet_cells(level_width)
+
+
+def _pnet_cells(side: int) -> int:
+    """P-Net's output length along a level side: 3x3 conv, 2x2 ceil pool, two 3x3 convs."""
+    return max((side - 1) // 2 - 4, 0)
+
+
+def _level_bands(sizes: list[tuple[int, int]], workers: int) -> list[_LevelBand]:
+    """P-Net passes over pyramid levels of these sizes, in level and row order: whole levels, or
+    with several threads, levels with more than a share of the work cut into row bands.
+
+    The first level holds about half of P-Net's work: whole, it leaves the other threads idle
+    while one thread finishes it. A share is half a thread's part, so every thread gets pieces.
+    Bands give the same results as their whole level (P-Net sees only its window).
+    """
+    cells = [_pnet_cells(height) * _pnet_cells(width) for height, width in sizes]
+    share = sum(cells) / (2 * workers)
+    bands = []
+    for depth, (height, _) in enumerate(sizes):
+        rows = _pnet_cells(height)
+        count = 1 if workers == 1 else max(1, min(round(cells[depth] / share), rows // _MIN_BAND_ROWS))
+        bounds = [rows * k // count for k in range(count + 1)]
+        bands += [_LevelBand(depth, first, stop) for first, stop in zip(bounds, bounds[1:])]
+    return bands
 
 
 def _reading_order(boxes: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:

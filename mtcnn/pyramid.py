@@ -45,16 +45,20 @@ def _area_bins(length: int, size: int, device: torch.device) -> tuple[torch.Tens
     return (index * length) // size, ((index + 1) * length + size - 1) // size
 
 
-def resize_from_table(table: torch.Tensor, height: int, width: int, channels: int | None = None) -> torch.Tensor:
+def resize_from_table(table: torch.Tensor, height: int, width: int, channels: int | None = None,
+                      rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Area-resize the image behind a summed-area table (H+1, W+1, C) to height x width x C (float).
 
     C is the table's channel count, or its first `channels` (a table may carry a padding lane).
+    rows: only output rows [first, stop) of that resize (a band of a pyramid level), on the CPU.
     """
     channels = channels or table.shape[2]
     if table.device.type == "cpu":
-        # Compiled loops: one pass, no gathered copies (at 1080p 10x faster than the tensor form).
+        # Compiled loops: one pass, no gathered copies (at 1080p 7x faster than the tensor form).
         whole = np.array([[0, 0, table.shape[1] - 1, table.shape[0] - 1]])
-        return torch.from_numpy(area_resize_host(table.numpy(), whole, height, width, channels)[0])
+        return torch.from_numpy(area_resize_host(table.numpy(), whole, height, width, channels, rows)[0])
+    if rows is not None:
+        raise ValueError("resize_from_table takes a band of rows on the CPU only")
     return _resize_from_table_tensors(table[:, :, :channels], height, width)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from mtcnn import DetectorConfig, Detections, FaceDetector
 from mtcnn.box_coder import box_iou
+from mtcnn.pyramid import level_size, pyramid_scales
 
 DATA = Path(__file__).parent / "data"
 
@@ -103,26 +104,53 @@ def test_batches_of_mixed_sizes_give_the_same_results_as_single_images(detector,
     assert np.allclose(batch[2].boxes[0], batch[0].boxes[0] + [90, 40, 90, 40], atol=4.0)
 
 
+def test_level_bands_cover_every_output_row_once_and_share_the_work():
+    from mtcnn.detector import _level_bands, _pnet_cells
+
+    sizes = [level_size(1080, 1920, scale) for scale in pyramid_scales(1080, 1920, 20, 0.709)]
+    assert [(b.first, b.stop) for b in _level_bands(sizes, 1)] == [(0, _pnet_cells(h)) for h, _ in sizes]
+    for workers in (2, 3, 16):
+        bands = _level_bands(sizes, workers)
+        for depth, (height, width) in enumerate(sizes):
+            mine = [band for band in bands if band.depth == depth]
+            assert [b.first for b in mine[1:]] == [b.stop for b in mine[:-1]]
+            assert mine[0].first == 0 and mine[-1].stop == _pnet_cells(height)
+            # A band's input rows give exactly its output rows.
+            assert all(_pnet_cells(b.input_rows(height)[1] - b.input_rows(height)[0]) == b.stop - b.first
+                       for b in mine)
+        largest = max(band.work(sizes[band.depth][1]) for band in bands)
+        assert largest <= sum(band.work(sizes[band.depth][1]) for band in bands) / workers
+
+
 @pytest.mark.parametrize("pyramid", ["classic", "dynamic"])
 def test_one_image_over_several_threads_gives_what_one_thread_gives(astronaut, pyramid):
-    """One image a call on a multi-threaded CPU: its levels and window chunks go over the threads."""
+    """One image a call on a multi-threaded CPU: its levels (the largest in row bands) and window
+    chunks go over the threads."""
     import threading
 
     crowd = np.concatenate([np.concatenate([astronaut] * 3, axis=1)] * 2, axis=0)  # six faces
     detector = FaceDetector(pyramid=pyramid, stage_batch_size=4)
     workers: set[str] = set()
-    forward = detector._nets["rnet"].forward
+    pnet_rows: list[int] = []
+    forward, propose = detector._nets["rnet"].forward, detector._nets["pnet"].forward
 
     def watched(*args):
         workers.add(threading.current_thread().name)
         return forward(*args)
 
+    def watched_pnet(pixels):
+        pnet_rows.append(pixels.shape[2])
+        return propose(pixels)
+
     detector._nets["rnet"].forward = watched
+    detector._nets["pnet"].forward = watched_pnet
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         alone = detector.detect([crowd])[0]
+        levels, whole = len(pnet_rows), sorted(pnet_rows)
         workers.clear()
+        pnet_rows.clear()
         torch.set_num_threads(3)
         spread = detector.detect([crowd])[0]
         assert torch.get_num_threads() == 3
@@ -130,6 +158,8 @@ def test_one_image_over_several_threads_gives_what_one_thread_gives(astronaut, p
         torch.set_num_threads(before)
     assert len(alone) == 6
     assert len([name for name in workers if name.startswith("mtcnn")]) >= 2
+    # The first level went in bands: more P-Net passes, none as tall as the whole level.
+    assert len(pnet_rows) > levels and max(pnet_rows) < whole[-1]
     np.testing.assert_array_equal(spread.boxes, alone.boxes)
     np.testing.assert_array_equal(spread.scores, alone.scores)
     np.testing.assert_array_equal(spread.landmarks, alone.landmarks)
