@@ -79,6 +79,9 @@ def test_nms_with_infinite_boxes_or_negative_threshold_takes_the_general_path():
     groups = torch.zeros(100, dtype=torch.long)
     expected = greedy_nms(boxes, scores, groups.tolist(), -0.5, "union", False)
     assert batched_nms(boxes, scores, groups, -0.5).tolist() == expected == [int(scores.argmax())]
+    nan_scores = scores.clone()
+    nan_scores[7] = float("nan")
+    assert batched_nms(boxes, nan_scores, groups, 0.4).tolist() == box_ops.masked_nms(boxes, nan_scores, groups, 0.4).tolist()
     boxes[3] = torch.tensor([0.0, 0.0, float("inf"), float("inf")])
     assert batched_nms(boxes, scores, groups, 0.4).tolist() == box_ops.masked_nms(boxes, scores, groups, 0.4).tolist()
 
