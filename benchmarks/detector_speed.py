@@ -84,6 +84,7 @@ def time_pyramids(frame: np.ndarray, repeats: int = 10) -> dict[str, float]:
     scales = pyramid_scales(*frame.shape[:2], 20, 0.709)
     timings = {}
     for name in PYRAMIDS:
+        build_pyramid(frame, scales, name)  # warm-up: a first call may compile loops
         start = time.perf_counter()
         for _ in range(repeats):
             build_pyramid(frame, scales, name)
