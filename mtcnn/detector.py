@@ -195,8 +195,8 @@ class FaceDetector:
         if onet is not None and not onet.has_landmarks:
             raise ValueError("the O-Net in these weights has no landmark head")
         # channels_last lets oneDNN run the convolutions about twice as fast on CPUs.
-        # On CPUs the pyramid, summed-area tables and NMS use OpenCV's C++ kernels; elsewhere
-        # everything stays in torch on the device.
+        # On CPUs the summed-area tables use OpenCV, the classic pyramid, crops and NMS compiled
+        # loops (mtcnn/boxes.py); elsewhere everything stays in torch on the device.
         self._host_kernels = self.device.type == "cpu"
         if self.config.precision == "fp16" and self._host_kernels:
             raise ValueError("precision 'fp16' runs on GPUs only; on CPUs use 'bf16' or 'fp32'")

@@ -50,7 +50,7 @@ _CANDIDATE_KEPT_BYTES = 52
 #: Per candidate of the level being scored: hit indices (24), cells and boxes (32 + 16), gathered
 #: features (32 float32 = 128), offsets, owners, levels, scores (36).
 _CANDIDATE_LEVEL_BYTES = 236
-#: After the last level: the kept pieces, their concatenation and OpenCV NMS's float64 copies.
+#: After the last level: the kept pieces, their concatenation and the NMS's sorted copies.
 _CANDIDATE_NMS_BYTES = 2 * _CANDIDATE_KEPT_BYTES + 96
 #: Per window of an O-Net chunk: conv1's output and its PReLU's (32 x 46 x 46 float32 each), the
 #: largest activations of R-Net and O-Net (measured: 41 MB for 64 windows, 146 MB for 256).
