@@ -451,33 +451,40 @@ def _auto_precision(detector: "FaceDetector") -> str:
     """bf16 if the three nets run at least 5% faster in it than in fp32 on this CPU, else fp32."""
     threads = torch.get_num_threads()
     if threads not in _auto_choices:
-        seconds = {precision: _time_nets(detector._build_nets(precision), detector._stage_batch_size)
-                   for precision in ("fp32", "bf16")}
+        seconds = _time_nets({precision: detector._build_nets(precision) for precision in ("fp32", "bf16")},
+                             detector._stage_batch_size)
         _auto_choices[threads] = "bf16" if seconds["bf16"] < 0.95 * seconds["fp32"] else "fp32"
     return _auto_choices[threads]
 
 
-def _time_nets(nets: dict[str, torch.nn.Module], windows: int) -> float:
-    """Seconds the nets take on one 360 x 640 P-Net level and a chunk of R-Net and O-Net windows
-    (best of three, after a warm-up), on random pixels."""
+def _time_nets(candidates: dict[str, dict[str, torch.nn.Module]], windows: int) -> dict[str, float]:
+    """Seconds each candidate's nets take on one 360 x 640 P-Net level and a chunk of R-Net and
+    O-Net windows, on random pixels: best of three per net after a warm-up.
+
+    The candidates take turns on each net, so load that comes and goes while timing (other
+    actors starting on the node) weighs on all of them alike rather than on whichever ran then.
+    """
     import time
 
     generator = torch.Generator().manual_seed(0)
     inputs = {"pnet": (1, 360, 640), "rnet": (windows, 24, 24), "onet": (windows, 48, 48)}
-    total = 0.0
+    totals = dict.fromkeys(candidates, 0.0)
     with torch.inference_mode():
-        for name, net in nets.items():
+        for name in next(iter(candidates.values())):
             count, height, width = inputs[name]
             pixels = (torch.rand((count, 3, height, width), generator=generator) * 255).contiguous(
                 memory_format=torch.channels_last)
-            net(pixels)
-            best = math.inf
+            best = dict.fromkeys(candidates, math.inf)
+            for nets in candidates.values():
+                nets[name](pixels)
             for _ in range(3):
-                start = time.perf_counter()
-                net(pixels)
-                best = min(best, time.perf_counter() - start)
-            total += best
-    return total
+                for key, nets in candidates.items():
+                    start = time.perf_counter()
+                    nets[name](pixels)
+                    best[key] = min(best[key], time.perf_counter() - start)
+            for key in candidates:
+                totals[key] += best[key]
+    return totals
 
 
 _thread_lock = threading.Lock()
