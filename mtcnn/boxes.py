@@ -27,18 +27,12 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     return keep if keep is not None else masked_nms(boxes, scores, groups, threshold, mode, plus_one)
 
 
-def _score_order(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Permutation sorting boxes by group, then best score first (ties in index order)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    return order[torch.argsort(groups[order], stable=True)]
-
-
 def _grid_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
               mode: str, plus_one: bool) -> torch.Tensor | None:
     """masked_nms's result on the CPU through compiled loops that compare each box only with the
     kept boxes near it: on a crowded 1080p frame's P-Net windows (19,645 in 9 levels) 5 ms
-    where OpenCV's NMSBoxes, comparing with every kept box, took 181 ms; 40 us on a few boxes.
-    None where a box or score is not finite."""
+    where OpenCV's NMSBoxes, comparing with every kept box, took 181 ms; about 20 us on a few
+    boxes. None where a box or score is not finite."""
     score_array = scores.numpy()
     if not np.isfinite(score_array).all():
         return None
@@ -57,10 +51,11 @@ def _grid_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, t
 
 
 def _greedy_nms_loops(boxes, starts, limit, one, tiny, min_mode, keep):
-    """Greedy NMS over (N, 4) float32 boxes sorted by group, then best score first.
+    """Greedy NMS over (N, 4) float boxes sorted by group, then best score first.
 
     starts: offsets of each group's first box (and N at the end). keep[i] becomes whether box i
-    survives. Returns False, deciding nothing, where a coordinate is not finite. The same float32 overlap as box_coder.box_iou and the same `overlap > threshold`
+    survives. Returns False, deciding nothing, where a coordinate is not finite. The same overlap
+    arithmetic as box_coder.box_iou in the boxes' float type and the same `overlap > threshold`
     rule as the sequential definition, so the same boxes kept; each box is compared only with
     the kept boxes of its group in the grid cells near it, not with all of them.
     """
@@ -95,10 +90,10 @@ def _greedy_nms_loops(boxes, starts, limit, one, tiny, min_mode, keep):
         reach = side + margin
         for i in range(first, stop):
             x1, y1, x2, y2 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
-            area = (x2 - x1 + one) * (y2 - y1 + one)
             if not (x2 - x1 + one > 0 and y2 - y1 + one > 0):
                 keep[i] = True
                 continue
+            area = (x2 - x1 + one) * (y2 - y1 + one)
             survives = True
             c0 = max(int((x1 - reach - low_x) / cell), 0)
             c1 = min(int((x2 + margin - low_x) / cell), columns - 1)
@@ -136,7 +131,8 @@ def _greedy_nms_loops(boxes, starts, limit, one, tiny, min_mode, keep):
 def masked_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                threshold: float, mode: str = "union", plus_one: bool = False) -> torch.Tensor:
     """Greedy NMS per group: overlap masks on the boxes' device, one scan of them on the host."""
-    order = _score_order(scores, groups)
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
     sorted_boxes, sorted_groups = boxes[order], groups[order]
     count = len(order)
     removed = np.zeros(count, dtype=bool)
@@ -300,7 +296,8 @@ def crop_resize(table: torch.Tensor, regions: torch.Tensor, size: int,
         raise ValueError(f"crop regions must lie inside the {table.shape[1] - 1} x {table.shape[0] - 1} image "
                          "(clip them with mtcnn.box_coder.crop_regions)")
     if table.device.type == "cpu":
-        return torch.from_numpy(area_resize_host(table.numpy(), whole.numpy(), size, size, channels)).permute(0, 3, 1, 2)
+        crops = area_resize_host(table.numpy(), whole.numpy(), size, size, channels)
+        return torch.from_numpy(crops).permute(0, 3, 1, 2)
     return _crop_resize_tensors(table, whole, size, channels)
 
 
