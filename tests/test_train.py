@@ -153,7 +153,7 @@ def test_a_stopped_run_resumes_from_its_s3_checkpoint(ray_session, pnet_shards, 
 
 
 def test_a_run_started_with_other_settings_is_refused_naming_them_or_restarted(ray_session, pnet_shards,
-                                                                              tmp_path):
+                                                                              tmp_path, capsys):
     shards, _ = pnet_shards
     one_worker = dict(epochs=1, num_workers=1, cpus_per_worker=1)
     first = train_stage(_config(shards, tmp_path / "run", **one_worker))
@@ -166,9 +166,15 @@ def test_a_run_started_with_other_settings_is_refused_naming_them_or_restarted(r
     with pytest.raises(SettingsChanged, match=r"\(samples[ .]"):
         train_stage(_config(other, tmp_path / "run", **one_worker))
     assert load_weights(tmp_path / "run").provenance["config"]["learning_rate"] == 3e-3  # untouched
-    # Operational settings may change: more workers resume the finished run (no epoch left).
+    # Operational settings may change: more workers resume the finished run. No epoch is left, so
+    # no worker group starts: the weights are written again from the last checkpoint.
+    (tmp_path / "run" / "weights.safetensors").unlink()
+    capsys.readouterr()
     again = train_stage(_config(shards, tmp_path / "run", epochs=1, num_workers=2, cpus_per_worker=0.5))
-    assert again.history == first.history
+    assert again.history == first.history and again.samples == first.samples
+    out = capsys.readouterr().out
+    assert "all 1 epochs are checkpointed already" in out and "worker(s)" not in out, out
+    assert load_weights(tmp_path / "run").provenance["loss_history"] == [round(first.metrics["loss"], 6)]
     # Asked to, it discards the old checkpoints and trains afresh with the new settings.
     restarted = train_stage(_config(shards, tmp_path / "run", learning_rate=1e-3, restart=True, **one_worker))
     assert restarted.metrics["resumed_from_epoch"] == 0 and restarted.metrics["learning_rate"] == 1e-3

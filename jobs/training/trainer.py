@@ -481,14 +481,38 @@ def _check_resume(config: TrainConfig, settings: dict) -> None:
     fs.pipe_file(record, json.dumps(settings, indent=2, sort_keys=True).encode())
 
 
-def train_stage(config: TrainConfig) -> TrainSummary:
-    """Train config.stage on its shards with Ray Train and write the run's weights file."""
-    started = time.perf_counter()
-    previous = load_weights_from(config.previous_weights, config.storage_options) \
-        if config.previous_weights else None
-    _check_shards(config)
-    settings = run_settings(config)
-    _check_resume(config, settings)
+def _load_state(checkpoint: ray.train.Checkpoint) -> dict:
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / _STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _finished_state(config: TrainConfig) -> dict | None:
+    """The run's last checkpointed state if it already holds every epoch asked for, else None.
+
+    A finished run asked again (a command or recipe rerun, a driver that died while writing the
+    weights) then needs no worker group: locally about 10 s, on a cluster nodes and GPUs.
+    """
+    run_config = _run_config(config)
+    try:
+        result = ray.train.Result.from_path(join(run_config.storage_path, run_config.name),
+                                            storage_filesystem=run_config.storage_filesystem)
+    except (RuntimeError, FileNotFoundError):  # no run of this name yet, or none checkpointed
+        return None
+    if result.checkpoint is None:
+        return None
+    state = _load_state(result.checkpoint)
+    return state if state["epoch"] + 1 >= config.epochs else None
+
+
+def _count_samples(config: TrainConfig) -> int:
+    """How many samples the shards hold, from their Parquet footers."""
+    fs, path = filesystem(config.data, config.storage_options)
+    return pads.dataset(path, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs))).count_rows()
+
+
+def _fit(config: TrainConfig) -> tuple[dict, int, TrainConfig]:
+    """Train with Ray Train from the run's last checkpoint on: the final state, the sample count,
+    and the config as run (its CPUs per worker settled)."""
     init_ray(dashboard=True)
     if config.cpus_per_worker is None:
         config = replace(config, cpus_per_worker=_default_cpus_per_worker(config.num_workers))
@@ -511,8 +535,24 @@ def train_stage(config: TrainConfig) -> TrainSummary:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training {config.stage} reported no checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / _STATE_FILE, map_location="cpu", weights_only=True)
+    return _load_state(result.checkpoint), samples, config
+
+
+def train_stage(config: TrainConfig) -> TrainSummary:
+    """Train config.stage on its shards with Ray Train and write the run's weights file."""
+    started = time.perf_counter()
+    previous = load_weights_from(config.previous_weights, config.storage_options) \
+        if config.previous_weights else None
+    _check_shards(config)
+    settings = run_settings(config)
+    _check_resume(config, settings)
+    state = _finished_state(config)
+    if state is not None:
+        samples = _count_samples(config)
+        print(f"[{config.stage}] all {config.epochs} epochs are checkpointed already: "
+              "its weights come from the last checkpoint", flush=True)
+    else:
+        state, samples, config = _fit(config)
     net = build_stage(config.stage)
     net.load_state_dict(state["model"])
     history = state["history"]
