@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from mtcnn import DetectorConfig, FaceDetector, in_original, shrunk
 from mtcnn.weights import CascadeWeights
 
+from jobs.common.pages import file_stem, shown
 from jobs.common.redaction import public_path, redact, redact_text
 from jobs.common.schema import ErrorKind, run_metadata
 from jobs.common.storage import filesystem, is_remote, parse_storage_options, protocol_prefix
@@ -754,8 +755,6 @@ def read_record(output: str, storage_options: dict | None = None) -> pa.Table:
 
 def make_page(output: str, out_dir: str, limit: int = 24, storage_options: dict | None = None) -> str:
     """DIR/index.html: up to limit originals (as displayed) beside their anonymized copies; its path."""
-    from jobs.pipelines.preview import _safe_name, _shown
-
     storage_options = storage_options or {}
     table = read_record(output, storage_options)
     done = table.filter(pc.is_null(table.column("error"))).sort_by("path")
@@ -767,12 +766,12 @@ def make_page(output: str, out_dir: str, limit: int = 24, storage_options: dict 
             pair = [read_image(row["path"], storage_options, policy), read_image(row["output_path"], storage_options,
                                                                                  policy)]
         except ReadFailure as failure:
-            cards.append(f"<figure><figcaption>cannot show: {_shown(failure.reason)}<br>"
-                         f"<span class=path>{_shown(row['path'])}</span></figcaption></figure>")
+            cards.append(f"<figure><figcaption>cannot show: {shown(failure.reason)}<br>"
+                         f"<span class=path>{shown(row['path'])}</span></figcaption></figure>")
             continue
         names = []
         for side, image in zip(("original", "anonymized"), pair):
-            name = f"{index:04d}-{_safe_name(row['path'])}-{side}.jpg"
+            name = f"{index:04d}-{file_stem(row['path'])}-{side}.jpg"
             scale = min(1.0, 480 / max(image.shape[:2]))
             small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
             cv2.imwrite(os.path.join(out_dir, name), cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
@@ -780,12 +779,12 @@ def make_page(output: str, out_dir: str, limit: int = 24, storage_options: dict 
             names.append(html.escape(name))
         cards.append(f'<figure><img src="{names[0]}" loading="lazy"><img src="{names[1]}" loading="lazy">'
                      f"<figcaption><b>{row['faces_hidden']} faces hidden</b><br>"
-                     f"<span class=path>{_shown(row['path'])}</span></figcaption></figure>")
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>Anonymized {_shown(output)}</title><style>"
+                     f"<span class=path>{shown(row['path'])}</span></figcaption></figure>")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>Anonymized {shown(output)}</title><style>"
             "body{font-family:sans-serif;margin:1em}main{display:flex;flex-wrap:wrap;gap:16px}"
             "figure{margin:0}img{max-width:320px;max-height:320px;margin-right:4px}"
             ".path{font-size:80%;color:#555;word-break:break-all}</style></head><body>"
-            f"<h1>Anonymized {_shown(output)}</h1><p>{table.num_rows} images in the record: {done.num_rows} "
+            f"<h1>Anonymized {shown(output)}</h1><p>{table.num_rows} images in the record: {done.num_rows} "
             f"written, {failed} error rows; {len(cards)} shown, each original (left, as displayed) beside "
             f"its anonymized copy (right).</p><main>{''.join(cards)}</main></body></html>")
     path = os.path.join(out_dir, "index.html")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 from dataclasses import dataclass, field
 
 import cv2
@@ -16,6 +15,7 @@ import pyarrow.dataset as pads
 
 from mtcnn.align import template_points
 
+from jobs.common.pages import file_stem, shown
 from jobs.output.parts import committed_parts
 from jobs.common.storage import filesystem, parse_storage_options
 
@@ -66,17 +66,17 @@ def make_gallery(config: GalleryConfig) -> str:
     cards = []
     for number, row in enumerate(sample.to_pylist()):
         chip = cv2.imdecode(np.frombuffer(row["crop"], np.uint8), cv2.IMREAD_COLOR)
-        name = f"{number:04d}-{_safe(row['path'])}-{row['face']}.png"
+        name = f"{number:04d}-{file_stem(row['path'])}-{row['face']}.png"
         if marks and row["crop_landmarks"] is not None:
             chip = _draw_points(chip, row["crop_landmarks"])
         cv2.imwrite(os.path.join(out_dir, name), chip)
         cards.append(f'<figure><img src="{html.escape(name)}" width="{row["width"]}" height="{row["height"]}">'
                      f'<figcaption>face {row["face"]}, score {row["score"]:.3f}<br>'
-                     f'<span class="path">{html.escape(row["path"])}</span></figcaption></figure>')
-    error_rows = "".join(f"<tr><td>{html.escape(r['path'])}</td><td>{'' if r['face'] is None else r['face']}</td>"
-                         f"<td>{html.escape(r['error'])}</td></tr>"
+                     f'<span class="path">{shown(row["path"])}</span></figcaption></figure>')
+    error_rows = "".join(f"<tr><td>{shown(r['path'])}</td><td>{'' if r['face'] is None else r['face']}</td>"
+                         f"<td>{shown(r['error'])}</td></tr>"
                          for r in errors.slice(0, 100).to_pylist())
-    page = _PAGE.format(title=html.escape(output), chips=good.num_rows, shown=len(cards),
+    page = _PAGE.format(title=shown(output), chips=good.num_rows, shown=len(cards),
                         failed=errors.num_rows, cards="\n".join(cards),
                         errors=f"<h2>Error rows (first 100)</h2><table><tr><th>image</th><th>face</th>"
                                f"<th>why</th></tr>{error_rows}</table>" if error_rows else "")
@@ -96,11 +96,6 @@ def _draw_points(chip: np.ndarray, points: list[float]) -> np.ndarray:
     for index, colour in enumerate(POINT_COLOURS):
         cv2.circle(canvas, (round(points[2 * index]), round(points[2 * index + 1])), radius, colour, -1, cv2.LINE_AA)
     return canvas
-
-
-def _safe(path: str) -> str:
-    stem = os.path.splitext(path.rstrip("/").rsplit("/", 1)[-1])[0]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:50] or "image"
 
 
 _PAGE = """<!doctype html>

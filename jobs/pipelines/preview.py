@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -15,7 +14,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from jobs.inputs.reading import ReadFailure, ReadPolicy, read_image
-from jobs.common.redaction import public_path, redact_text
+from jobs.common.pages import file_stem, shown
+from jobs.common.redaction import public_path
 from jobs.common.storage import parse_storage_options
 from jobs.inputs.annotation_files import read_annotations
 
@@ -85,7 +85,7 @@ def make_preview(config: PreviewConfig) -> str:
         if image is None:
             cards.append(_card(row["path"], None, f"cannot show: {error}"))
             continue
-        name = f"{index:04d}-{_safe_name(public_path(row['path']))}.jpg"
+        name = f"{index:04d}-{file_stem(public_path(row['path']))}.jpg"
         drawn = draw_faces(image, faces, config.min_score)
         cv2.imwrite(os.path.join(config.out_dir, name), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -96,10 +96,10 @@ def make_preview(config: PreviewConfig) -> str:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     # Rows written before paths were stored without credentials may still hold some: mask them.
-    errors = "".join(f"<tr><td>{_shown(r['path'])}</td><td>{_shown(r['error'])}</td></tr>"
+    errors = "".join(f"<tr><td>{shown(r['path'])}</td><td>{shown(r['error'])}</td></tr>"
                      for r in failed.slice(0, 100).select(["path", "error"]).to_pylist())
     page = _PAGE.format(
-        title=_shown(config.output), count=table.num_rows, annotated=annotated.num_rows,
+        title=shown(config.output), count=table.num_rows, annotated=annotated.num_rows,
         failed=failed.num_rows, shown=len(cards), cards="\n".join(cards),
         errors=f"<h2>Images with errors (first 100)</h2><table>{errors}</table>" if errors else "")
     index_path = os.path.join(config.out_dir, "index.html")
@@ -108,21 +108,11 @@ def make_preview(config: PreviewConfig) -> str:
     return index_path
 
 
-def _shown(text: str) -> str:
-    """text for the page: credentials masked, HTML escaped."""
-    return html.escape(redact_text(text))
-
-
-def _safe_name(path: str) -> str:
-    stem = os.path.splitext(path.rstrip("/").rsplit("/", 1)[-1])[0]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60] or "image"
-
-
 def _card(path: str, image_name: str | None, caption: str) -> str:
     picture = f'<a href="{html.escape(image_name)}"><img src="{html.escape(image_name)}" loading="lazy"></a>' \
         if image_name else ""
-    return (f'<figure>{picture}<figcaption><b>{_shown(caption)}</b><br>'
-            f'<span class="path">{_shown(path)}</span></figcaption></figure>')
+    return (f'<figure>{picture}<figcaption><b>{shown(caption)}</b><br>'
+            f'<span class="path">{shown(path)}</span></figcaption></figure>')
 
 
 _PAGE = """<!doctype html>
