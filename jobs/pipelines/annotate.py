@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from mtcnn import Detections, DetectorConfig, FaceDetector, estimate_peak_bytes, in_original, shrunk
 from mtcnn.weights import CascadeWeights
 
+from jobs.common.detector_args import DETECTOR_FLAGS
 from jobs.common.redaction import redact, redact_text
 from jobs.common.schema import ANNOTATION_SCHEMA, METADATA_KEY, PRECISION_KEY, ErrorKind, annotation_table, run_metadata, settings_of
 from jobs.common.storage import parse_storage_options
@@ -63,7 +64,7 @@ class AnnotateConfig:
     weights: str | CascadeWeights = field(default="reference", metadata={
         "parse": str, "help": "'reference', a weights file, or a training run folder"})
     detector: DetectorConfig = field(default_factory=DetectorConfig, metadata={
-        "nested": "", "fields": ("min_face_size", "thresholds", "scale_factor", "pyramid", "precision")})
+        "nested": "", "fields": DETECTOR_FLAGS})
     address: str | None = field(default=None, metadata={
         "help": "Ray cluster address (default: embedded local Ray)"})
     num_gpus: float = field(default=0.0, metadata={

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from mtcnn import DetectorConfig, FaceDetector, in_original, shrunk
 from mtcnn.weights import CascadeWeights
 
+from jobs.common.detector_args import DETECTOR_FLAGS
 from jobs.common.pages import file_stem, shown
 from jobs.common.redaction import public_path, redact, redact_text
 from jobs.common.schema import ErrorKind, run_metadata
@@ -140,7 +141,7 @@ class AnonymizeConfig:
     weights: str | CascadeWeights = field(default="reference", metadata={
         "parse": str, "help": "'reference', a weights file, or a training run folder"})
     detector: DetectorConfig = field(default_factory=_recall_detector, metadata={
-        "nested": "", "fields": ("min_face_size", "thresholds", "scale_factor", "pyramid", "precision")})
+        "nested": "", "fields": DETECTOR_FLAGS})
     address: str | None = field(default=None, metadata={
         "help": "Ray cluster address (default: embedded local Ray)"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per actor, fractions allowed (0: CPU)"})
